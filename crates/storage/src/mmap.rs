@@ -1,0 +1,265 @@
+//! The only `unsafe` in Runnel's storage: a file map with one writer and many readers.
+//!
+//! A [`SharedMap`] covers a file of fixed size. Its `published` length splits it in two:
+//! bytes below are immutable and may be read by anyone, as `&[u8]` or as [`Bytes`] that keep the
+//! map alive; bytes at and above belong to the single [`MapWriter`]. The writer copies new bytes
+//! past `published` and then advances it with `Release`; readers load it with `Acquire`, so a
+//! reader that sees a length also sees the bytes below it.
+//!
+//! Soundness rests on four rules kept by this module alone:
+//! 1. only one `MapWriter` exists per map (it is created with the map and is not `Clone`);
+//! 2. the writer never writes below `published`, and never past the map;
+//! 3. readers never form a slice reaching past `published`;
+//! 4. the owner of the file never truncates or rewrites it while a map lives (recovery zeroes
+//!    torn tails *before* mapping; retention only unlinks, which leaves live maps valid).
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+
+enum Region {
+    Writable(MmapRaw),
+    /// Held only to keep the read-only mapping alive; reads go through `SharedMap::ptr`.
+    ReadOnly(#[allow(dead_code)] Mmap),
+}
+
+/// A mapped file whose bytes below `published` are immutable and shareable.
+pub struct SharedMap {
+    region: Region,
+    ptr: *const u8,
+    capacity: usize,
+    published: AtomicUsize,
+}
+
+// SAFETY: the raw pointer targets a shared file mapping that lives as long as `region`; all
+// mutation goes through the single `MapWriter` above `published` (rules 1-3 in the module docs),
+// and reads below `published` are synchronised by the Release/Acquire pair on `published`.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above; `&SharedMap` only ever yields reads below `published`.
+unsafe impl Sync for SharedMap {}
+
+impl std::fmt::Debug for SharedMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMap")
+            .field("capacity", &self.capacity)
+            .field("published", &self.published())
+            .field("writable", &matches!(self.region, Region::Writable(_)))
+            .finish()
+    }
+}
+
+/// The single writer of a [`SharedMap`].
+#[derive(Debug)]
+pub struct MapWriter {
+    map: Arc<SharedMap>,
+}
+
+impl SharedMap {
+    /// Maps the first `capacity` bytes of `file` for writing, with `published` bytes already valid.
+    ///
+    /// The file must be at least `capacity` long with its blocks reserved.
+    pub fn writable(file: &File, capacity: usize, published: usize) -> io::Result<MapWriter> {
+        assert!(published <= capacity, "published length beyond the map");
+        check_len(file, capacity)?;
+        let raw = MmapOptions::new().len(capacity).map_raw(file)?;
+        let ptr = raw.as_ptr() as *const u8;
+        let map = SharedMap {
+            region: Region::Writable(raw),
+            ptr,
+            capacity,
+            published: AtomicUsize::new(published),
+        };
+        Ok(MapWriter { map: Arc::new(map) })
+    }
+
+    /// Maps the first `len` bytes of `file` read-only; all of them are published.
+    pub fn read_only(file: &File, len: usize) -> io::Result<Arc<SharedMap>> {
+        assert!(len > 0, "cannot map an empty range");
+        check_len(file, len)?;
+        // SAFETY: rule 4: the file is sealed and nobody writes or truncates it while mapped.
+        let map = unsafe { MmapOptions::new().len(len).map(file)? };
+        let ptr = map.as_ptr();
+        Ok(Arc::new(SharedMap {
+            region: Region::ReadOnly(map),
+            ptr,
+            capacity: len,
+            published: AtomicUsize::new(len),
+        }))
+    }
+
+    /// Bytes readable now.
+    pub fn published(&self) -> usize {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// The published bytes `[start, end)`.
+    ///
+    /// # Panics
+    /// If the range is not below the published length.
+    pub fn slice(&self, start: usize, end: usize) -> &[u8] {
+        assert!(
+            start <= end && end <= self.published(),
+            "read past the published length"
+        );
+        // SAFETY: rule 3: [start, end) lies below `published`, so no writer touches it and the
+        // Acquire load above made the writer's bytes visible.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(start), end - start) }
+    }
+
+    /// The published bytes `[start, end)` as a `Bytes` that keeps this map alive.
+    pub fn bytes(self: &Arc<Self>, start: usize, end: usize) -> Bytes {
+        let _ = self.slice(start, end); // bounds check
+        Bytes::from_owner(MapSlice {
+            map: Arc::clone(self),
+            start,
+            len: end - start,
+        })
+    }
+}
+
+impl MapWriter {
+    /// The shared, readable side of this map.
+    pub fn shared(&self) -> &Arc<SharedMap> {
+        &self.map
+    }
+
+    /// Bytes still free above the published length.
+    pub fn remaining(&self) -> usize {
+        self.map.capacity - self.map.published.load(Ordering::Relaxed)
+    }
+
+    /// Copies `parts` back to back at the published length, then publishes them all at once.
+    ///
+    /// # Panics
+    /// If they do not fit; callers check [`MapWriter::remaining`] first.
+    pub fn append(&mut self, parts: &[&[u8]]) -> usize {
+        let start = self.map.published.load(Ordering::Relaxed);
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(
+            total <= self.map.capacity - start,
+            "append past the end of the map"
+        );
+        let Region::Writable(_) = &self.map.region else {
+            unreachable!("writer of a read-only map")
+        };
+        let mut at = start;
+        for p in parts {
+            // SAFETY: rules 1-2: we are the only writer and [at, at + len) lies at or above
+            // `published` and inside the map, so no reader can be looking at it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    p.as_ptr(),
+                    (self.map.ptr as *mut u8).add(at),
+                    p.len(),
+                )
+            };
+            at += p.len();
+        }
+        self.map.published.store(at, Ordering::Release);
+        start
+    }
+
+    /// msyncs `[from, to)` so those bytes reach the disk (an fdatasync of that range).
+    pub fn sync_range(&self, from: usize, to: usize) -> io::Result<()> {
+        if to <= from {
+            return Ok(());
+        }
+        match &self.map.region {
+            Region::Writable(raw) => raw.flush_range(from, to - from),
+            Region::ReadOnly(_) => Ok(()),
+        }
+    }
+}
+
+fn check_len(file: &File, len: usize) -> io::Result<()> {
+    let file_len = file.metadata()?.len();
+    if (file_len as u128) < len as u128 {
+        // Never map past EOF: touching such pages raises SIGBUS.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("map of {len} bytes over a file of {file_len}"),
+        ));
+    }
+    Ok(())
+}
+
+struct MapSlice {
+    map: Arc<SharedMap>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        self.map.slice(self.start, self.start + self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_see_only_published_bytes_and_keep_the_map_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        let mut w = SharedMap::writable(&f, 4096, 0).unwrap();
+        assert_eq!(w.append(&[b"hello ", b"world"]), 0);
+        let shared = Arc::clone(w.shared());
+        assert_eq!(shared.published(), 11);
+        let b = shared.bytes(0, 11);
+        drop(w);
+        drop(shared);
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(
+            &b[..],
+            b"hello world",
+            "unlinked file stays readable through a live map"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "published")]
+    fn reading_past_published_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        let w = SharedMap::writable(&f, 4096, 10).unwrap();
+        let _ = w.shared().slice(0, 11);
+    }
+
+    #[test]
+    fn mapping_past_eof_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(100).unwrap();
+        assert!(SharedMap::writable(&f, 4096, 0).is_err());
+        assert!(SharedMap::read_only(&f, 101).is_err());
+    }
+}

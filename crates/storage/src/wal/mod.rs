@@ -1,0 +1,864 @@
+//! The group WAL: one per Raft group, the Raft log store's disk format.
+//!
+//! Appends return as soon as their bytes are written to the page cache; a flusher thread
+//! fdatasyncs everything written so far and then completes every callback waiting on those
+//! bytes (group commit: one fdatasync serves many appends). Plain file I/O, no maps, so every
+//! failure is a `Result`, and an fdatasync failure poisons the WAL (see [`Poison`]).
+//!
+//! Files are named by the index of their first entry (`00000000000000000000.wal`), roll at
+//! [`WalConfig::file_bytes`], and are removed whole by [`Wal::purge_upto`].
+//!
+//! ```text
+//! file header (20 bytes)            record (24 + N bytes)
+//!   0  4  magic "RNWL"                0  4  CRC-32C of bytes 4..24+N
+//!   4  2  version (1)                 4  4  payload length N
+//!   6  2  reserved (0)                8  8  index
+//!   8  8  first index                16  8  term
+//!  16  4  CRC-32C of bytes 0..16     24  N  payload (opaque to the WAL)
+//! ```
+
+mod meta;
+
+pub use meta::{LogPosition, VOTE_BYTES_MAX, WalMeta};
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+
+use crate::error::{IoContext, Result, StorageError};
+use crate::fsutil::{self, file_stem, parse_stem};
+use crate::persist::{PersistMode, Poison};
+use meta::MetaFile;
+
+/// Extension of WAL files.
+pub const WAL_EXT: &str = "wal";
+/// Bytes of a WAL file header.
+pub const FILE_HEADER_LEN: usize = 20;
+/// Bytes of a record header.
+pub const RECORD_HEADER_LEN: usize = 24;
+const FILE_MAGIC: &[u8; 4] = b"RNWL";
+const VERSION: u16 = 1;
+
+/// Sizes and durability of a WAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalConfig {
+    /// Roll to a new file once this many bytes are written. Default 64 MiB.
+    pub file_bytes: u64,
+    /// Largest payload accepted or read back; a longer length on disk is corruption.
+    /// Default 65 MiB (the largest batch plus room for the command around it).
+    pub entry_bytes_max: usize,
+    /// When callbacks complete; see [`PersistMode`].
+    pub persist: PersistMode,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            file_bytes: 64 << 20,
+            entry_bytes_max: crate::batch::BATCH_BYTES_MAX + (1 << 20),
+            persist: PersistMode::Fsync,
+        }
+    }
+}
+
+/// One Raft log entry as the WAL stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Raft log index.
+    pub index: u64,
+    /// Raft term.
+    pub term: u64,
+    /// Encoded entry (the Raft layer's format).
+    pub payload: Bytes,
+}
+
+/// How the WAL makes written bytes durable; injectable so tests can count, delay or fail syncs.
+pub trait Syncer: Send + Sync + 'static {
+    /// Makes the file's written data durable (fdatasync).
+    fn sync_data(&self, file: &File) -> io::Result<()>;
+}
+
+/// The real syncer: `fdatasync(2)`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fdatasync;
+
+impl Syncer for Fdatasync {
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+}
+
+/// Called once the appended entries are durable (or with the error that prevents it).
+pub type DurableCallback = Box<dyn FnOnce(Result<()>) + Send + 'static>;
+
+/// What recovery found and did when the WAL was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalRecovery {
+    /// WAL files after recovery.
+    pub files: usize,
+    /// Entries readable after recovery.
+    pub entries: u64,
+    /// Bytes cut from a torn tail.
+    pub torn_bytes_cut: u64,
+    /// File and byte position of the cut, if any.
+    pub cut_at: Option<(PathBuf, u64)>,
+    /// Files removed because a purge had covered them.
+    pub files_purged: usize,
+}
+
+struct WalFile {
+    first_index: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+    /// (byte position, term) of each entry, from `first_index` on.
+    entries: Vec<(u64, u64)>,
+}
+
+impl WalFile {
+    fn next_index(&self) -> u64 {
+        self.first_index + self.entries.len() as u64
+    }
+}
+
+struct State {
+    files: Vec<WalFile>,
+    meta: MetaFile,
+    written_seq: u64,
+    synced_seq: u64,
+    waiters: VecDeque<(u64, DurableCallback)>,
+    shutdown: bool,
+}
+
+impl State {
+    fn active(&mut self) -> &mut WalFile {
+        self.files
+            .last_mut()
+            .expect("a WAL always has an active file")
+    }
+
+    fn next_index(&self) -> u64 {
+        self.files.last().expect("active file").next_index()
+    }
+
+    fn first_readable(&self) -> u64 {
+        let first = self.files[0].first_index;
+        self.meta
+            .state()
+            .purged
+            .map_or(first, |p| first.max(p.index + 1))
+    }
+
+    fn last(&self) -> Option<LogPosition> {
+        for f in self.files.iter().rev() {
+            if let Some(&(_, term)) = f.entries.last() {
+                return Some(LogPosition {
+                    index: f.next_index() - 1,
+                    term,
+                });
+            }
+        }
+        self.meta.state().purged
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    config: WalConfig,
+    syncer: Arc<dyn Syncer>,
+    state: Mutex<State>,
+    wake: Condvar,
+    poison: Poison,
+}
+
+/// A Raft group's write-ahead log.
+pub struct Wal {
+    shared: Arc<Shared>,
+    flusher: Option<JoinHandle<()>>,
+    recovery: WalRecovery,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the WAL in `dir` with real fdatasync.
+    pub fn open(dir: impl AsRef<Path>, config: WalConfig) -> Result<Self> {
+        Self::open_with_syncer(dir, config, Arc::new(Fdatasync))
+    }
+
+    /// Opens the WAL with an injected [`Syncer`].
+    ///
+    /// # Errors
+    /// [`StorageError::Corruption`] when a record that must be durable fails its checks.
+    pub fn open_with_syncer(
+        dir: impl AsRef<Path>,
+        config: WalConfig,
+        syncer: Arc<dyn Syncer>,
+    ) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        let meta = MetaFile::open(&dir)?;
+        let (files, recovery) = recover(&dir, &config, meta.state())?;
+        let state = State {
+            files,
+            meta,
+            written_seq: 0,
+            synced_seq: 0,
+            waiters: VecDeque::new(),
+            shutdown: false,
+        };
+        let shared = Arc::new(Shared {
+            dir,
+            config,
+            syncer,
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            poison: Poison::default(),
+        });
+        let s = Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name("wal-flusher".into())
+            .spawn(move || flusher_loop(&s))
+            .map_err(|e| StorageError::io("spawn flusher", &shared.dir, e))?;
+        tracing::info!(dir = %shared.dir.display(), ?recovery, "WAL opened");
+        Ok(Wal {
+            shared,
+            flusher: Some(flusher),
+            recovery,
+        })
+    }
+
+    /// What recovery did at open.
+    pub fn recovery(&self) -> &WalRecovery {
+        &self.recovery
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().expect("WAL lock")
+    }
+
+    /// Appends contiguous entries and returns once they are written (not yet durable).
+    /// `on_durable` runs on the flusher thread once they are fdatasynced (in
+    /// [`PersistMode::Buffered`], right away).
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidArgument`] for non-contiguous or oversized entries (nothing is
+    /// written), [`StorageError::Poisoned`], I/O errors (nothing is kept).
+    pub fn append(&self, entries: &[Entry], on_durable: Option<DurableCallback>) -> Result<()> {
+        let sh = &*self.shared;
+        sh.poison.check()?;
+        let mut st = self.lock();
+        sh.poison.check()?;
+        let mut next = st.next_index();
+        let mut buf = Vec::with_capacity(
+            entries
+                .iter()
+                .map(|e| RECORD_HEADER_LEN + e.payload.len())
+                .sum(),
+        );
+        let mut offsets = Vec::with_capacity(entries.len());
+        for e in entries {
+            if e.index != next {
+                return Err(StorageError::InvalidArgument(format!(
+                    "WAL entry index {} is not the next index {next}",
+                    e.index
+                )));
+            }
+            if e.payload.len() > sh.config.entry_bytes_max {
+                return Err(StorageError::InvalidArgument(format!(
+                    "WAL entry of {} bytes exceeds entry_bytes_max {}",
+                    e.payload.len(),
+                    sh.config.entry_bytes_max
+                )));
+            }
+            offsets.push((buf.len() as u64, e.term));
+            encode_record(&mut buf, e);
+            next += 1;
+        }
+        if entries.is_empty() {
+            drop(st);
+            if let Some(cb) = on_durable {
+                cb(Ok(()));
+            }
+            return Ok(());
+        }
+        if st.active().len + buf.len() as u64 > sh.config.file_bytes
+            && !st.active().entries.is_empty()
+        {
+            self.roll(&mut st)?;
+        }
+        let active = st.active();
+        let at = active.len;
+        if let Err(e) = active.file.write_all_at(&buf, at) {
+            // Drop whatever part reached the file so it can never be mistaken for entries.
+            let _ = active.file.set_len(at);
+            return Err(StorageError::io("write", &active.path, e));
+        }
+        active.len += buf.len() as u64;
+        active
+            .entries
+            .extend(offsets.into_iter().map(|(o, t)| (at + o, t)));
+        st.written_seq += 1;
+        let seq = st.written_seq;
+        match sh.config.persist {
+            PersistMode::Fsync => {
+                if let Some(cb) = on_durable {
+                    st.waiters.push_back((seq, cb));
+                }
+                drop(st);
+                sh.wake.notify_one();
+            }
+            PersistMode::Buffered => {
+                drop(st);
+                if let Some(cb) = on_durable {
+                    cb(Ok(()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends and waits until the entries are durable.
+    pub fn append_durable(&self, entries: &[Entry]) -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.append(entries, Some(Box::new(move |r| drop(tx.send(r)))))?;
+        self.wait(rx)
+    }
+
+    /// Waits until everything written so far is durable (forces an fdatasync in any mode).
+    pub fn flush(&self) -> Result<()> {
+        self.shared.poison.check()?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut st = self.lock();
+            if st.written_seq == st.synced_seq {
+                return Ok(());
+            }
+            let seq = st.written_seq;
+            st.waiters
+                .push_back((seq, Box::new(move |r| drop(tx.send(r)))));
+        }
+        self.shared.wake.notify_one();
+        self.wait(rx)
+    }
+
+    fn wait(&self, rx: mpsc::Receiver<Result<()>>) -> Result<()> {
+        rx.recv()
+            .unwrap_or_else(|_| Err(StorageError::Poisoned("WAL flusher stopped".into())))
+    }
+
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let sh = &*self.shared;
+        let old = st.active();
+        if let Err(e) = sh.syncer.sync_data(&old.file) {
+            let why = format!("fdatasync {}: {e}", old.path.display());
+            sh.poison.set(why.clone());
+            return Err(StorageError::Poisoned(why));
+        }
+        let next = st.next_index();
+        let f = create_file(&sh.dir, next)?;
+        st.files.push(f);
+        Ok(())
+    }
+
+    /// Reads entries `[start, end)`, stopping once `max_bytes` of payload are read (always
+    /// returning at least one entry when the range is not empty).
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidArgument`] for a range outside the log;
+    /// [`StorageError::Corruption`] if a record fails its CRC on the way back.
+    pub fn read(&self, start: u64, end: u64, max_bytes: usize) -> Result<Vec<Entry>> {
+        let st = self.lock();
+        let (first, next) = (st.first_readable(), st.next_index());
+        if start < first || end > next || start > end {
+            return Err(StorageError::InvalidArgument(format!(
+                "read [{start}, {end}) outside the WAL's [{first}, {next})"
+            )));
+        }
+        let mut out = Vec::with_capacity((end - start).min(1024) as usize);
+        let mut bytes = 0usize;
+        let mut fi = st.files.partition_point(|f| f.first_index <= start) - 1;
+        for index in start..end {
+            while index >= st.files[fi].next_index() {
+                fi += 1;
+            }
+            let f = &st.files[fi];
+            let (pos, _) = f.entries[(index - f.first_index) as usize];
+            let e = read_record(f, pos, index, self.shared.config.entry_bytes_max)?;
+            bytes += e.payload.len();
+            out.push(e);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every entry after `index` (durably) — Raft's conflict truncation.
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidArgument`] when `index` lies below the purged prefix.
+    pub fn truncate_after(&self, index: u64) -> Result<()> {
+        let sh = &*self.shared;
+        sh.poison.check()?;
+        let mut st = self.lock();
+        let keep_next = index + 1;
+        if keep_next < st.first_readable() {
+            return Err(StorageError::InvalidArgument(format!(
+                "cannot truncate after {index}: entries up to {} are purged",
+                st.first_readable() - 1
+            )));
+        }
+        if keep_next >= st.next_index() {
+            return Ok(());
+        }
+        let mut unlinked = false;
+        while st.files.len() > 1 && st.files.last().expect("file").first_index >= keep_next {
+            let f = st.files.pop().expect("file");
+            std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+            unlinked = true;
+        }
+        let active = st.active();
+        let keep = keep_next.saturating_sub(active.first_index) as usize;
+        let cut = active.entries.get(keep).map_or(active.len, |&(pos, _)| pos);
+        active.file.set_len(cut).ctx("truncate", &active.path)?;
+        active.entries.truncate(keep);
+        active.len = cut;
+        let file = Arc::clone(&active.file);
+        let path = active.path.clone();
+        if let Err(e) = sh.syncer.sync_data(&file) {
+            let why = format!("fdatasync {}: {e}", path.display());
+            sh.poison.set(why.clone());
+            return Err(StorageError::Poisoned(why));
+        }
+        if unlinked {
+            fsutil::fsync_dir(&sh.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Marks every entry up to `upto` purged (durably, in the meta file) and deletes whole files
+    /// that hold nothing newer. Purging past the last entry empties the log, which then continues
+    /// at `upto.index + 1` (after a snapshot is installed).
+    pub fn purge_upto(&self, upto: LogPosition) -> Result<()> {
+        let sh = &*self.shared;
+        sh.poison.check()?;
+        let mut st = self.lock();
+        if st
+            .meta
+            .state()
+            .purged
+            .is_some_and(|p| p.index >= upto.index)
+        {
+            return Ok(());
+        }
+        let mut next_meta = st.meta.state().clone();
+        next_meta.purged = Some(upto);
+        st.meta.save(next_meta)?;
+        let reset = st.next_index() <= upto.index + 1;
+        let mut removed = Vec::new();
+        if reset {
+            removed.extend(st.files.drain(..));
+            st.files.push(create_file(&sh.dir, upto.index + 1)?);
+        } else {
+            while st.files.len() > 1 && st.files[0].next_index() <= upto.index + 1 {
+                removed.push(st.files.remove(0));
+            }
+        }
+        for f in &removed {
+            std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+        }
+        if !removed.is_empty() {
+            fsutil::fsync_dir(&sh.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Index of the first readable entry.
+    pub fn first_index(&self) -> u64 {
+        self.lock().first_readable()
+    }
+
+    /// Position of the last entry, or the purge point when no entry is left; `None` when empty.
+    pub fn last(&self) -> Option<LogPosition> {
+        self.lock().last()
+    }
+
+    /// The purge point.
+    pub fn purged(&self) -> Option<LogPosition> {
+        self.lock().meta.state().purged
+    }
+
+    /// Saves the vote (opaque bytes, at most [`VOTE_BYTES_MAX`]); durable when this returns.
+    pub fn save_vote(&self, vote: &[u8]) -> Result<()> {
+        self.save_meta(|m| m.vote = Some(Bytes::copy_from_slice(vote)))
+    }
+
+    /// The last saved vote.
+    pub fn read_vote(&self) -> Option<Bytes> {
+        self.lock().meta.state().vote.clone()
+    }
+
+    /// Saves the committed position; durable when this returns.
+    ///
+    /// Contract: the caller saves only positions whose entries this WAL already holds durably.
+    /// Recovery relies on it: a bad record at or below the saved committed index is reported as
+    /// corruption, never cut as a torn tail.
+    pub fn save_committed(&self, committed: LogPosition) -> Result<()> {
+        self.save_meta(|m| m.committed = Some(committed))
+    }
+
+    /// The last saved committed position.
+    pub fn read_committed(&self) -> Option<LogPosition> {
+        self.lock().meta.state().committed
+    }
+
+    fn save_meta(&self, change: impl FnOnce(&mut WalMeta)) -> Result<()> {
+        self.shared.poison.check()?;
+        let mut st = self.lock();
+        let mut m = st.meta.state().clone();
+        change(&mut m);
+        st.meta.save(m).inspect_err(|e| {
+            if matches!(
+                e,
+                StorageError::Io {
+                    op: "fdatasync",
+                    ..
+                }
+            ) {
+                self.shared.poison.set(e.to_string());
+            }
+        })
+    }
+
+    /// True once an fdatasync failed.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poison.is_poisoned()
+    }
+
+    /// Flushes and stops the flusher thread.
+    pub fn close(mut self) -> Result<()> {
+        let r = self.flush();
+        self.stop();
+        r
+    }
+
+    fn stop(&mut self) {
+        self.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn flusher_loop(sh: &Shared) {
+    loop {
+        let (target, file) = {
+            let mut st = sh.state.lock().expect("WAL lock");
+            loop {
+                let due = st.written_seq > st.synced_seq
+                    && (sh.config.persist == PersistMode::Fsync || !st.waiters.is_empty());
+                if due || st.shutdown {
+                    break;
+                }
+                st = sh.wake.wait(st).expect("WAL lock");
+            }
+            if st.written_seq == st.synced_seq && st.shutdown {
+                return;
+            }
+            if sh.poison.is_poisoned() {
+                // Nothing more will be synced; fail whoever still waits and stop.
+                let waiters: Vec<_> = st.waiters.drain(..).collect();
+                drop(st);
+                for (_, cb) in waiters {
+                    cb(sh.poison.check());
+                }
+                return;
+            }
+            (st.written_seq, Arc::clone(&st.active().file))
+        };
+        let res = sh.syncer.sync_data(&file);
+        let mut st = sh.state.lock().expect("WAL lock");
+        let done: Vec<(u64, DurableCallback)> = match res {
+            Ok(()) => {
+                st.synced_seq = st.synced_seq.max(target);
+                let n = st.waiters.iter().take_while(|(s, _)| *s <= target).count();
+                st.waiters.drain(..n).collect()
+            }
+            Err(e) => {
+                sh.poison
+                    .set(format!("fdatasync {}: {e}", sh.dir.display()));
+                st.waiters.drain(..).collect()
+            }
+        };
+        drop(st);
+        let result = sh.poison.check();
+        for (_, cb) in done {
+            cb(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StorageError::Poisoned(e.to_string())),
+            });
+        }
+    }
+}
+
+fn encode_record(buf: &mut Vec<u8>, e: &Entry) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&(e.payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&e.index.to_be_bytes());
+    buf.extend_from_slice(&e.term.to_be_bytes());
+    buf.extend_from_slice(&e.payload);
+    let crc = crc32c::crc32c(&buf[start + 4..]);
+    buf[start..start + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Why a record does not parse: the data ran out, or it is wrong.
+#[derive(Debug, PartialEq, Eq)]
+enum RecordError {
+    Incomplete,
+    Zero,
+    Bad(&'static str),
+}
+
+/// Parses the record at the start of `buf`, expecting `index`. Returns (term, payload range).
+fn parse_record(
+    buf: &[u8],
+    index: u64,
+    max: usize,
+) -> Result<(u64, std::ops::Range<usize>), RecordError> {
+    if buf.len() < RECORD_HEADER_LEN {
+        return Err(if buf.iter().all(|&b| b == 0) {
+            RecordError::Zero
+        } else {
+            RecordError::Incomplete
+        });
+    }
+    if buf[..RECORD_HEADER_LEN].iter().all(|&b| b == 0) {
+        return Err(RecordError::Zero);
+    }
+    let len = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes")) as usize;
+    if len > max {
+        return Err(RecordError::Bad("payload length above entry_bytes_max"));
+    }
+    if buf.len() < RECORD_HEADER_LEN + len {
+        return Err(RecordError::Incomplete);
+    }
+    let stored = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&buf[4..RECORD_HEADER_LEN + len]) != stored {
+        return Err(RecordError::Bad("CRC-32C mismatch"));
+    }
+    let found = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+    if found != index {
+        return Err(RecordError::Bad("index is not the next index"));
+    }
+    let term = u64::from_be_bytes(buf[16..24].try_into().expect("8 bytes"));
+    Ok((term, RECORD_HEADER_LEN..RECORD_HEADER_LEN + len))
+}
+
+fn read_record(f: &WalFile, pos: u64, index: u64, max: usize) -> Result<Entry> {
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    f.file
+        .read_exact_at(&mut header, pos)
+        .ctx("read", &f.path)?;
+    let len = u32::from_be_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+    let corrupt = |reason: &str| StorageError::Corruption {
+        path: f.path.clone(),
+        position: pos,
+        reason: reason.to_string(),
+    };
+    if len > max {
+        return Err(corrupt("payload length above entry_bytes_max"));
+    }
+    let mut rec = vec![0u8; RECORD_HEADER_LEN + len];
+    f.file.read_exact_at(&mut rec, pos).ctx("read", &f.path)?;
+    let (term, range) = parse_record(&rec, index, max).map_err(|e| corrupt(&format!("{e:?}")))?;
+    let payload = Bytes::from(rec).slice(range);
+    Ok(Entry {
+        index,
+        term,
+        payload,
+    })
+}
+
+fn file_header(first_index: u64) -> [u8; FILE_HEADER_LEN] {
+    let mut h = [0u8; FILE_HEADER_LEN];
+    h[..4].copy_from_slice(FILE_MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_be_bytes());
+    h[8..16].copy_from_slice(&first_index.to_be_bytes());
+    let crc = crc32c::crc32c(&h[..16]);
+    h[16..20].copy_from_slice(&crc.to_be_bytes());
+    h
+}
+
+fn wal_path(dir: &Path, first_index: u64) -> PathBuf {
+    dir.join(format!("{}.{WAL_EXT}", file_stem(first_index)))
+}
+
+/// Creates a WAL file (temp name, header, fsync, rename, directory fsync).
+fn create_file(dir: &Path, first_index: u64) -> Result<WalFile> {
+    let path = wal_path(dir, first_index);
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .ctx("create", &tmp)?;
+    file.write_all_at(&file_header(first_index), 0)
+        .ctx("write", &tmp)?;
+    file.sync_all().ctx("fsync", &tmp)?;
+    std::fs::rename(&tmp, &path).ctx("rename", &path)?;
+    fsutil::fsync_dir(dir)?;
+    Ok(WalFile {
+        first_index,
+        path,
+        file: Arc::new(file),
+        len: FILE_HEADER_LEN as u64,
+        entries: Vec::new(),
+    })
+}
+
+/// Scans every WAL file, cutting a torn tail of the last one and refusing anything else bad.
+fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFile>, WalRecovery)> {
+    let mut report = WalRecovery::default();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let entry = entry.ctx("list", dir)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            std::fs::remove_file(entry.path()).ctx("unlink", &entry.path())?;
+        } else if let Some(first) = parse_stem(&name, WAL_EXT) {
+            names.push(first);
+        }
+    }
+    names.sort_unstable();
+    let committed = meta.committed.map(|c| c.index);
+    let mut files: Vec<WalFile> = Vec::with_capacity(names.len());
+    for (i, &first) in names.iter().enumerate() {
+        let path = wal_path(dir, first);
+        let is_last = i + 1 == names.len();
+        let corrupt = |position: usize, reason: String| StorageError::Corruption {
+            path: path.clone(),
+            position: position as u64,
+            reason,
+        };
+        let bytes = std::fs::read(&path).ctx("read", &path)?;
+        // Files get their header under a temp name, so a real name always has a whole one.
+        if bytes.len() < FILE_HEADER_LEN || bytes[..FILE_HEADER_LEN] != file_header(first) {
+            return Err(corrupt(0, "bad WAL file header".into()));
+        }
+        if let Some(prev) = files.last()
+            && prev.next_index() != first
+        {
+            return Err(corrupt(
+                0,
+                format!(
+                    "file starts at {first}, previous ends at {}",
+                    prev.next_index()
+                ),
+            ));
+        }
+        let mut pos = FILE_HEADER_LEN;
+        let mut entries = Vec::new();
+        while pos < bytes.len() {
+            let index = first + entries.len() as u64;
+            match parse_record(&bytes[pos..], index, config.entry_bytes_max) {
+                Ok((term, range)) => {
+                    entries.push((pos as u64, term));
+                    pos += range.end;
+                }
+                Err(why) => {
+                    let durable = committed.is_some_and(|c| index <= c);
+                    if !is_last || durable {
+                        return Err(corrupt(
+                            pos,
+                            format!(
+                                "record {index} {why:?} (committed index {committed:?}, last file: {is_last})"
+                            ),
+                        ));
+                    }
+                    let torn = bytes[pos..]
+                        .iter()
+                        .rposition(|&b| b != 0)
+                        .map_or(0, |p| p + 1);
+                    if torn > 0 {
+                        report.torn_bytes_cut += (bytes.len() - pos) as u64;
+                        report.cut_at = Some((path.clone(), pos as u64));
+                        tracing::warn!(path = %path.display(), position = pos, bytes = bytes.len() - pos,
+                            ?why, "cutting torn WAL tail");
+                    }
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .ctx("open", &path)?;
+                    f.set_len(pos as u64).ctx("truncate", &path)?;
+                    f.sync_all().ctx("fsync", &path)?;
+                    break;
+                }
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx("open", &path)?;
+        files.push(WalFile {
+            first_index: first,
+            path,
+            file: Arc::new(file),
+            len: pos as u64,
+            entries,
+        });
+    }
+    // Drop files a purge covered but did not get to delete before a crash.
+    if let Some(p) = meta.purged {
+        while !files.is_empty() && files[0].next_index() <= p.index + 1 {
+            let f = files.remove(0);
+            std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+            report.files_purged += 1;
+        }
+        if let Some(f) = files.first()
+            && f.first_index > p.index + 1
+        {
+            return Err(StorageError::Corruption {
+                path: f.path.clone(),
+                position: 0,
+                reason: format!("entries after the purge point {} are missing", p.index),
+            });
+        }
+    }
+    if files.is_empty() {
+        files.push(create_file(dir, meta.purged.map_or(0, |p| p.index + 1))?);
+    } else if report.files_purged > 0 {
+        fsutil::fsync_dir(dir)?;
+    }
+    report.files = files.len();
+    let first_readable = meta.purged.map_or(files[0].first_index, |p| {
+        files[0].first_index.max(p.index + 1)
+    });
+    report.entries = files.last().expect("file").next_index() - first_readable;
+    Ok((files, report))
+}
