@@ -26,7 +26,7 @@ pub mod wal;
 pub use error::{Result, StorageError};
 pub use log::{
     AppendInfo, LogConfig, PartitionLog, RECOVERY_POINT_FILE, Recovery, RecoveryReport,
-    RetentionReport, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    RetentionReport, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SyncHook,
 };
 pub use persist::PersistMode;
 pub use segment::{INDEX_EXT, LOG_EXT, ReadSlice, TIME_INDEX_EXT};

@@ -149,6 +149,10 @@ pub struct RetentionReport {
     pub log_start: u64,
 }
 
+/// Called before every data sync of a partition log; an error is treated exactly like a failed
+/// msync. For fault-injection tests.
+pub type SyncHook = Arc<dyn Fn(&Path) -> std::io::Result<()> + Send + Sync>;
+
 struct Active {
     seg: Arc<Segment>,
     writer: MapWriter,
@@ -168,6 +172,7 @@ pub struct PartitionLog {
     log_end: AtomicU64,
     poison: Poison,
     report: RecoveryReport,
+    sync_hook: Option<SyncHook>,
 }
 
 impl std::fmt::Debug for PartitionLog {
@@ -260,7 +265,20 @@ impl PartitionLog {
             log_end: AtomicU64::new(log_end),
             poison: Poison::default(),
             report,
+            sync_hook: None,
         })
+    }
+
+    /// Like [`PartitionLog::open`], with a hook run before every data sync (fault injection).
+    pub fn open_with_sync_hook(
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+        recovery: Recovery,
+        hook: SyncHook,
+    ) -> Result<Self> {
+        let mut log = Self::open(dir, config, recovery)?;
+        log.sync_hook = Some(hook);
+        Ok(log)
     }
 
     /// The directory holding this log.
@@ -403,8 +421,10 @@ impl PartitionLog {
     fn sync_active(&self, a: &mut Active) -> Result<()> {
         let published = a.writer.shared().published();
         if published > a.synced {
-            if let Err(e) = a.writer.sync_range(a.synced, published) {
-                let why = format!("msync of {}: {e}", a.seg.path(LOG_EXT).display());
+            let path = a.seg.path(LOG_EXT);
+            let hooked = self.sync_hook.as_ref().map_or(Ok(()), |h| h(&path));
+            if let Err(e) = hooked.and_then(|()| a.writer.sync_range(a.synced, published)) {
+                let why = format!("msync of {}: {e}", path.display());
                 self.poison.set(why.clone());
                 return Err(StorageError::Poisoned(why));
             }
