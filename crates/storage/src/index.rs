@@ -154,7 +154,7 @@ impl SegmentIndex {
         {
             return None;
         }
-        let rel_end = (summary.next_offset - base) as u64;
+        let rel_end = summary.next_offset - base;
         let mut offsets = Vec::with_capacity(n);
         for i in 0..n {
             let at = INDEX_HEADER + 8 * i;

@@ -14,6 +14,7 @@
 pub mod batch;
 mod error;
 pub mod fsutil;
+pub mod fuzzing;
 mod index;
 mod log;
 pub mod manifest;

@@ -66,7 +66,7 @@ impl SharedMap {
         assert!(published <= capacity, "published length beyond the map");
         check_len(file, capacity)?;
         let raw = MmapOptions::new().len(capacity).map_raw(file)?;
-        let ptr = raw.as_ptr() as *const u8;
+        let ptr = raw.as_ptr();
         let map = SharedMap {
             region: Region::Writable(raw),
             ptr,

@@ -18,11 +18,18 @@ use runnel_storage::wal::{
 fn entry(index: u64, term: u64, len: usize) -> Entry {
     let mut p = format!("entry-{index}-term-{term}-").into_bytes();
     p.resize(len.max(p.len()), b'.');
-    Entry { index, term, payload: Bytes::from(p) }
+    Entry {
+        index,
+        term,
+        payload: Bytes::from(p),
+    }
 }
 
 fn cfg(file_bytes: u64) -> WalConfig {
-    WalConfig { file_bytes, ..WalConfig::default() }
+    WalConfig {
+        file_bytes,
+        ..WalConfig::default()
+    }
 }
 
 fn wal_files(dir: &Path) -> Vec<PathBuf> {
@@ -51,13 +58,21 @@ fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 fn round_trip_across_files_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), cfg(4096)).unwrap();
-    let all: Vec<Entry> = (0..500).map(|i| entry(i, 1 + i / 100, (i % 97) as usize)).collect();
+    let all: Vec<Entry> = (0..500)
+        .map(|i| entry(i, 1 + i / 100, (i % 97) as usize))
+        .collect();
     for chunk in all.chunks(7) {
         wal.append_durable(chunk).unwrap();
     }
     assert!(wal_files(dir.path()).len() > 5);
     assert_eq!(wal.read(0, 500, usize::MAX).unwrap(), all);
-    assert_eq!(wal.last(), Some(LogPosition { index: 499, term: 5 }));
+    assert_eq!(
+        wal.last(),
+        Some(LogPosition {
+            index: 499,
+            term: 5
+        })
+    );
     wal.close().unwrap();
     let wal = Wal::open(dir.path(), cfg(4096)).unwrap();
     assert_eq!(wal.recovery().entries, 500);
@@ -66,16 +81,32 @@ fn round_trip_across_files_and_reopen() {
     assert_eq!(wal.read(123, 200, usize::MAX).unwrap(), all[123..200]);
     // Reads stop at max_bytes but always return one entry.
     assert_eq!(wal.read(10, 500, 1).unwrap().len(), 1);
-    assert!(matches!(wal.read(0, 501, usize::MAX), Err(StorageError::InvalidArgument(_))));
+    assert!(matches!(
+        wal.read(0, 501, usize::MAX),
+        Err(StorageError::InvalidArgument(_))
+    ));
 }
 
 #[test]
 fn non_contiguous_or_oversized_appends_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let wal = Wal::open(dir.path(), WalConfig { entry_bytes_max: 100, ..cfg(1 << 20) }).unwrap();
+    let wal = Wal::open(
+        dir.path(),
+        WalConfig {
+            entry_bytes_max: 100,
+            ..cfg(1 << 20)
+        },
+    )
+    .unwrap();
     wal.append_durable(&[entry(0, 1, 10)]).unwrap();
-    assert!(matches!(wal.append(&[entry(2, 1, 10)], None), Err(StorageError::InvalidArgument(_))));
-    assert!(wal.append(&[entry(1, 1, 10), entry(3, 1, 10)], None).is_err());
+    assert!(matches!(
+        wal.append(&[entry(2, 1, 10)], None),
+        Err(StorageError::InvalidArgument(_))
+    ));
+    assert!(
+        wal.append(&[entry(1, 1, 10), entry(3, 1, 10)], None)
+            .is_err()
+    );
     assert!(wal.append(&[entry(1, 1, 101)], None).is_err());
     assert_eq!(wal.last().unwrap().index, 0);
     wal.append_durable(&[entry(1, 1, 10)]).unwrap();
@@ -131,8 +162,12 @@ fn no_callback_completes_before_its_bytes_are_fdatasynced_and_syncs_are_shared()
     for i in 0..n {
         let e = entry(i, 1, 100);
         end += (RECORD_HEADER_LEN + e.payload.len()) as u64;
-        let (fired, violations, syncer, my_end) =
-            (Arc::clone(&fired), Arc::clone(&violations), Arc::clone(&syncer), end);
+        let (fired, violations, syncer, my_end) = (
+            Arc::clone(&fired),
+            Arc::clone(&violations),
+            Arc::clone(&syncer),
+            end,
+        );
         wal.append(
             &[e],
             Some(Box::new(move |r| {
@@ -152,9 +187,16 @@ fn no_callback_completes_before_its_bytes_are_fdatasynced_and_syncs_are_shared()
     syncer.set_open(true);
     assert!(wait_until(10, || fired.lock().unwrap().len() == n as usize));
     assert_eq!(violations.load(Ordering::SeqCst), 0);
-    assert_eq!(*fired.lock().unwrap(), (0..n).collect::<Vec<_>>(), "callbacks fire in order");
+    assert_eq!(
+        *fired.lock().unwrap(),
+        (0..n).collect::<Vec<_>>(),
+        "callbacks fire in order"
+    );
     let calls = syncer.calls.load(Ordering::SeqCst);
-    assert!(calls <= 3, "{n} appends took {calls} fdatasyncs: no group commit");
+    assert!(
+        calls <= 3,
+        "{n} appends took {calls} fdatasyncs: no group commit"
+    );
 }
 
 #[test]
@@ -169,9 +211,15 @@ fn fsync_failure_poisons_the_wal() {
     assert!(matches!(err, StorageError::Poisoned(_)), "{err}");
     syncer.fail.store(false, Ordering::SeqCst);
     assert!(wal.is_poisoned());
-    assert!(matches!(wal.append(&[entry(2, 1, 10)], None), Err(StorageError::Poisoned(_))));
+    assert!(matches!(
+        wal.append(&[entry(2, 1, 10)], None),
+        Err(StorageError::Poisoned(_))
+    ));
     assert!(matches!(wal.flush(), Err(StorageError::Poisoned(_))));
-    assert!(matches!(wal.truncate_after(0), Err(StorageError::Poisoned(_))));
+    assert!(matches!(
+        wal.truncate_after(0),
+        Err(StorageError::Poisoned(_))
+    ));
     drop(wal);
     // A restart recovers from disk; the entry whose sync failed may or may not be there.
     let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
@@ -209,24 +257,50 @@ fn purge_removes_whole_files_and_survives_restart() {
         wal.append_durable(c).unwrap();
     }
     let before = wal_files(dir.path()).len();
-    wal.purge_upto(LogPosition { index: 120, term: 3 }).unwrap();
+    wal.purge_upto(LogPosition {
+        index: 120,
+        term: 3,
+    })
+    .unwrap();
     assert!(wal_files(dir.path()).len() < before);
     assert_eq!(wal.first_index(), 121);
     assert!(wal.read(120, 130, usize::MAX).is_err());
     assert_eq!(wal.read(121, 200, usize::MAX).unwrap(), v[121..]);
-    assert!(matches!(wal.truncate_after(100), Err(StorageError::InvalidArgument(_))));
+    assert!(matches!(
+        wal.truncate_after(100),
+        Err(StorageError::InvalidArgument(_))
+    ));
     drop(wal);
     let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
     assert_eq!(wal.first_index(), 121);
-    assert_eq!(wal.purged(), Some(LogPosition { index: 120, term: 3 }));
+    assert_eq!(
+        wal.purged(),
+        Some(LogPosition {
+            index: 120,
+            term: 3
+        })
+    );
     // Purging past the end (a snapshot was installed) empties the log; it continues after it.
-    wal.purge_upto(LogPosition { index: 500, term: 4 }).unwrap();
-    assert_eq!(wal.last(), Some(LogPosition { index: 500, term: 4 }));
+    wal.purge_upto(LogPosition {
+        index: 500,
+        term: 4,
+    })
+    .unwrap();
+    assert_eq!(
+        wal.last(),
+        Some(LogPosition {
+            index: 500,
+            term: 4
+        })
+    );
     wal.append_durable(&[entry(501, 4, 10)]).unwrap();
     drop(wal);
     let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
     assert_eq!(wal.first_index(), 501);
-    assert_eq!(wal.read(501, 502, usize::MAX).unwrap(), vec![entry(501, 4, 10)]);
+    assert_eq!(
+        wal.read(501, 502, usize::MAX).unwrap(),
+        vec![entry(501, 4, 10)]
+    );
 }
 
 #[test]
@@ -235,17 +309,26 @@ fn vote_and_committed_survive_restart() {
     let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
     assert_eq!(wal.read_vote(), None);
     wal.save_vote(b"term=5,node=2").unwrap();
-    wal.append_durable(&[entry(0, 5, 1), entry(1, 5, 1)]).unwrap();
-    wal.save_committed(LogPosition { index: 1, term: 5 }).unwrap();
+    wal.append_durable(&[entry(0, 5, 1), entry(1, 5, 1)])
+        .unwrap();
+    wal.save_committed(LogPosition { index: 1, term: 5 })
+        .unwrap();
     drop(wal);
     let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
     assert_eq!(wal.read_vote().as_deref(), Some(&b"term=5,node=2"[..]));
-    assert_eq!(wal.read_committed(), Some(LogPosition { index: 1, term: 5 }));
+    assert_eq!(
+        wal.read_committed(),
+        Some(LogPosition { index: 1, term: 5 })
+    );
     assert!(wal.save_vote(&[0u8; 300]).is_err());
 }
 
 fn flip(path: &Path, pos: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, pos).unwrap();
     f.write_all_at(&[b[0] ^ 0x01], pos).unwrap();
@@ -258,7 +341,8 @@ fn corruption_at_or_below_committed_or_in_an_old_file_is_reported_not_cut() {
     for i in 0..100 {
         wal.append_durable(&[entry(i, 1, 40)]).unwrap();
     }
-    wal.save_committed(LogPosition { index: 99, term: 1 }).unwrap();
+    wal.save_committed(LogPosition { index: 99, term: 1 })
+        .unwrap();
     drop(wal);
     let files = wal_files(dir.path());
     let last = files.last().unwrap();
@@ -271,7 +355,14 @@ fn corruption_at_or_below_committed_or_in_an_old_file_is_reported_not_cut() {
     let err = Wal::open(dir.path(), cfg(2048)).unwrap_err();
     assert!(err.is_corruption(), "{err}");
     flip(&files[0], 60);
-    assert_eq!(Wal::open(dir.path(), cfg(2048)).unwrap().last().unwrap().index, 99);
+    assert_eq!(
+        Wal::open(dir.path(), cfg(2048))
+            .unwrap()
+            .last()
+            .unwrap()
+            .index,
+        99
+    );
 }
 
 proptest! {

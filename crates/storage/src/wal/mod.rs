@@ -261,7 +261,6 @@ impl Wal {
         sh.poison.check()?;
         let mut st = self.lock();
         sh.poison.check()?;
-        let mut next = st.next_index();
         let mut buf = Vec::with_capacity(
             entries
                 .iter()
@@ -269,7 +268,7 @@ impl Wal {
                 .sum(),
         );
         let mut offsets = Vec::with_capacity(entries.len());
-        for e in entries {
+        for (next, e) in (st.next_index()..).zip(entries) {
             if e.index != next {
                 return Err(StorageError::InvalidArgument(format!(
                     "WAL entry index {} is not the next index {next}",
@@ -285,7 +284,6 @@ impl Wal {
             }
             offsets.push((buf.len() as u64, e.term));
             encode_record(&mut buf, e);
-            next += 1;
         }
         if entries.is_empty() {
             drop(st);
@@ -470,7 +468,7 @@ impl Wal {
         let reset = st.next_index() <= upto.index + 1;
         let mut removed = Vec::new();
         if reset {
-            removed.extend(st.files.drain(..));
+            removed.append(&mut st.files);
             st.files.push(create_file(&sh.dir, upto.index + 1)?);
         } else {
             while st.files.len() > 1 && st.files[0].next_index() <= upto.index + 1 {
@@ -640,6 +638,50 @@ enum RecordError {
     Bad(&'static str),
 }
 
+/// What [`scan_records`] found in a WAL file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordScan {
+    /// (byte position, term) of every valid record, in order.
+    pub entries: Vec<(u64, u64)>,
+    /// Where valid records end.
+    pub valid_len: usize,
+    /// Why the scan stopped with non-zero bytes left; `None` when it reached the end of the
+    /// buffer or only zeros follow.
+    pub stop: Option<String>,
+}
+
+/// Scans WAL records in `buf` from `start`, expecting indexes `first_index, first_index + 1, …`.
+/// Pure and panic-free on any input: the recovery scanner and a fuzz target.
+pub fn scan_records(
+    buf: &[u8],
+    start: usize,
+    first_index: u64,
+    entry_bytes_max: usize,
+) -> RecordScan {
+    let mut entries = Vec::new();
+    let mut pos = start.min(buf.len());
+    let mut stop = None;
+    while pos < buf.len() {
+        let index = first_index.wrapping_add(entries.len() as u64);
+        match parse_record(&buf[pos..], index, entry_bytes_max) {
+            Ok((term, range)) => {
+                entries.push((pos as u64, term));
+                pos += range.end;
+            }
+            Err(RecordError::Zero) if buf[pos..].iter().all(|&b| b == 0) => break,
+            Err(why) => {
+                stop = Some(format!("{why:?}"));
+                break;
+            }
+        }
+    }
+    RecordScan {
+        entries,
+        valid_len: pos,
+        stop,
+    }
+}
+
 /// Parses the record at the start of `buf`, expecting `index`. Returns (term, payload range).
 fn parse_record(
     buf: &[u8],
@@ -781,44 +823,33 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
                 ),
             ));
         }
-        let mut pos = FILE_HEADER_LEN;
-        let mut entries = Vec::new();
-        while pos < bytes.len() {
+        let scan = scan_records(&bytes, FILE_HEADER_LEN, first, config.entry_bytes_max);
+        let pos = scan.valid_len;
+        let entries = scan.entries;
+        if let Some(why) = scan.stop {
             let index = first + entries.len() as u64;
-            match parse_record(&bytes[pos..], index, config.entry_bytes_max) {
-                Ok((term, range)) => {
-                    entries.push((pos as u64, term));
-                    pos += range.end;
-                }
-                Err(why) => {
-                    let durable = committed.is_some_and(|c| index <= c);
-                    if !is_last || durable {
-                        return Err(corrupt(
-                            pos,
-                            format!(
-                                "record {index} {why:?} (committed index {committed:?}, last file: {is_last})"
-                            ),
-                        ));
-                    }
-                    let torn = bytes[pos..]
-                        .iter()
-                        .rposition(|&b| b != 0)
-                        .map_or(0, |p| p + 1);
-                    if torn > 0 {
-                        report.torn_bytes_cut += (bytes.len() - pos) as u64;
-                        report.cut_at = Some((path.clone(), pos as u64));
-                        tracing::warn!(path = %path.display(), position = pos, bytes = bytes.len() - pos,
-                            ?why, "cutting torn WAL tail");
-                    }
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .ctx("open", &path)?;
-                    f.set_len(pos as u64).ctx("truncate", &path)?;
-                    f.sync_all().ctx("fsync", &path)?;
-                    break;
-                }
+            let durable = committed.is_some_and(|c| index <= c);
+            if !is_last || durable {
+                return Err(corrupt(
+                    pos,
+                    format!(
+                        "record {index}: {why} (committed index {committed:?}, last file: {is_last})"
+                    ),
+                ));
             }
+            report.torn_bytes_cut += (bytes.len() - pos) as u64;
+            report.cut_at = Some((path.clone(), pos as u64));
+            tracing::warn!(path = %path.display(), position = pos, bytes = bytes.len() - pos,
+                %why, "cutting torn WAL tail");
+        }
+        if pos < bytes.len() {
+            // A torn tail, or zeros after the last record (size grew, data did not): drop it.
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .ctx("open", &path)?;
+            f.set_len(pos as u64).ctx("truncate", &path)?;
+            f.sync_all().ctx("fsync", &path)?;
         }
         let file = OpenOptions::new()
             .read(true)
