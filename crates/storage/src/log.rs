@@ -160,6 +160,8 @@ struct Active {
     roll_reference: Option<i64>,
     /// Bytes of the active segment known to be on disk.
     synced: usize,
+    /// Sealed segments not yet fsynced (`Buffered` mode), synced by the next `flush`.
+    unsynced: Vec<(PathBuf, File)>,
 }
 
 /// A partition's log of record batches.
@@ -215,7 +217,9 @@ impl PartitionLog {
         }
         let mut sealed = Vec::with_capacity(bases.len() - 1);
         let mut expected = bases[0];
-        for (i, &base) in bases.iter().enumerate() {
+        let mut i = 0;
+        loop {
+            let base = bases[i];
             if base != expected {
                 return Err(StorageError::Corruption {
                     path: segment_path(&dir, base, LOG_EXT),
@@ -224,15 +228,27 @@ impl PartitionLog {
                 });
             }
             if i + 1 < bases.len() {
-                let seg = open_sealed(&dir, base, &config, &mut report)?;
-                expected = seg.next_offset();
-                sealed.push(Arc::new(seg));
-            } else {
-                let active = open_active(&dir, base, &config, durable, truncate_to, &mut report)?;
-                return Self::assemble(dir, config, sealed, active, report);
+                match open_sealed(&dir, base, bases[i + 1], durable, &config, &mut report)? {
+                    Sealed::Ok(seg) => {
+                        expected = seg.next_offset();
+                        sealed.push(Arc::new(seg));
+                        i += 1;
+                        continue;
+                    }
+                    Sealed::Torn => {
+                        // Everything after a torn point is suspect: cut here, drop the rest.
+                        let later = bases.split_off(i + 1);
+                        report.segments_discarded += later.len();
+                        remove_segments(&dir, &later)?;
+                        report.cut_at = Some((base, 0));
+                        tracing::warn!(dir = %dir.display(), base, discarded = later.len(),
+                            "torn sealed segment past the recovery point: cutting the log there");
+                    }
+                }
             }
+            let active = open_active(&dir, base, &config, durable, truncate_to, &mut report)?;
+            return Self::assemble(dir, config, sealed, active, report);
         }
-        unreachable!("the loop returns at the last segment")
     }
 
     fn assemble(
@@ -260,6 +276,7 @@ impl PartitionLog {
                 writer,
                 roll_reference,
                 synced,
+                unsynced: Vec::new(),
             }),
             log_start: AtomicU64::new(log_start),
             log_end: AtomicU64::new(log_end),
@@ -359,7 +376,13 @@ impl PartitionLog {
         prefix.copy_from_slice(&batch[..16]);
         batch::set_base_offset(&mut prefix, base);
         batch::set_partition_leader_epoch(&mut prefix, leader_epoch);
-        let position = a.writer.append(&[&prefix, &batch[16..]]);
+        let path = a.seg.path(LOG_EXT);
+        // A failed write publishes nothing; stray bytes past the published length are
+        // overwritten by the next append or cut as a torn tail by recovery.
+        let position = a
+            .writer
+            .append(&[&prefix, &batch[16..]])
+            .ctx("write", &path)?;
         let stamped = BatchHeader {
             base_offset: base,
             partition_leader_epoch: leader_epoch,
@@ -395,11 +418,24 @@ impl PartitionLog {
     }
 
     /// Seals the active segment and starts a new one at `base`.
+    ///
+    /// In `Fsync` mode the old segment is already on disk, so the recovery point moves to `base`.
+    /// In `Buffered` mode its data is synced by the next [`PartitionLog::flush`], not here: a
+    /// roll must not stall appends for a whole segment's writeback.
     fn roll(&self, a: &mut Active, base: u64) -> Result<()> {
-        self.sync_active(a)?;
         let old = Arc::clone(&a.seg);
+        match self.config.persist {
+            PersistMode::Fsync => self.sync_active(a)?,
+            PersistMode::Buffered => {
+                let path = old.path(LOG_EXT);
+                let f = File::open(&path).ctx("open", &path)?;
+                a.unsynced.push((path, f));
+            }
+        }
         old.write_index_files()?;
-        write_recovery_point(&self.dir, base)?;
+        if self.config.persist == PersistMode::Fsync {
+            write_recovery_point(&self.dir, base)?;
+        }
         let (seg, writer) = segment::create(&self.dir, base, self.config.segment_bytes)?;
         let seg = Arc::new(seg);
         self.segments
@@ -415,6 +451,16 @@ impl PartitionLog {
             tracing::warn!(error = %e, base = old.base_offset, "could not remap sealed segment");
         }
         tracing::debug!(dir = %self.dir.display(), sealed = old.base_offset, base, "rolled segment");
+        Ok(())
+    }
+
+    fn sync_file(&self, path: &Path, f: &File) -> Result<()> {
+        let hooked = self.sync_hook.as_ref().map_or(Ok(()), |h| h(path));
+        if let Err(e) = hooked.and_then(|()| f.sync_data()) {
+            let why = format!("fdatasync of {}: {e}", path.display());
+            self.poison.set(why.clone());
+            return Err(StorageError::Poisoned(why));
+        }
         Ok(())
     }
 
@@ -437,6 +483,9 @@ impl PartitionLog {
     pub fn flush(&self) -> Result<u64> {
         self.poison.check()?;
         let mut a = self.writer.lock().expect("writer lock");
+        for (path, f) in std::mem::take(&mut a.unsynced) {
+            self.sync_file(&path, &f)?;
+        }
         self.sync_active(&mut a)?;
         let end = self.log_end();
         write_recovery_point(&self.dir, end)?;
@@ -579,7 +628,13 @@ fn discard_from(dir: &Path, bases: &mut Vec<u64>, offset: u64) -> Result<usize> 
         .partition_point(|&b| b < offset)
         .max(1.min(bases.len()));
     let gone: Vec<u64> = bases.drain(keep..).collect();
-    for &b in &gone {
+    remove_segments(dir, &gone)?;
+    Ok(gone.len())
+}
+
+/// Unlinks the files of the segments starting at `bases`, then fsyncs the directory.
+fn remove_segments(dir: &Path, bases: &[u64]) -> Result<()> {
+    for &b in bases {
         for ext in [LOG_EXT, INDEX_EXT, TIME_INDEX_EXT] {
             let p = segment_path(dir, b, ext);
             if p.exists() {
@@ -587,18 +642,32 @@ fn discard_from(dir: &Path, bases: &mut Vec<u64>, offset: u64) -> Result<usize> 
             }
         }
     }
-    if !gone.is_empty() {
+    if !bases.is_empty() {
         fsutil::fsync_dir(dir)?;
     }
-    Ok(gone.len())
+    Ok(())
 }
 
+/// What opening a sealed segment found.
+enum Sealed {
+    Ok(Segment),
+    /// The segment is short or bad past the durable point: the log must be cut here.
+    Torn,
+}
+
+/// Opens a segment that has a successor starting at `successor`.
+///
+/// Below the durable point its index files are trusted when valid (reads still check CRCs);
+/// anything else is scanned. A failure below the durable point is corruption; past it (a
+/// `Buffered` log whose last segments were not yet flushed) it is a torn point.
 fn open_sealed(
     dir: &Path,
     base: u64,
+    successor: u64,
+    durable: u64,
     config: &LogConfig,
     report: &mut RecoveryReport,
-) -> Result<Segment> {
+) -> Result<Sealed> {
     let path = segment_path(dir, base, LOG_EXT);
     let file = OpenOptions::new()
         .read(true)
@@ -610,35 +679,49 @@ fn open_sealed(
         let idx = std::fs::read(segment_path(dir, base, INDEX_EXT)).ok()?;
         let time = std::fs::read(segment_path(dir, base, TIME_INDEX_EXT)).ok()?;
         SegmentIndex::decode(base, &idx, &time, file_len)
-    })();
+    })()
+    .filter(|(_, s)| s.next_offset <= durable);
     let (index, summary) = match from_files {
         Some(found) => found,
         None => {
-            // Sealed segments were fsynced before their successor existed: any failure here is
-            // corruption, never a torn tail.
-            let (index, summary) =
-                scan_segment(&file, &path, base, file_len, config, report, |o| {
-                    Err(corruption(
+            let (index, summary, stop) = scan_segment(&file, &path, base, file_len, config)?;
+            report.scanned_bytes += summary.segment_len;
+            let complete = stop == ScanStop::End && summary.next_offset == successor;
+            if !complete {
+                if summary.next_offset < durable {
+                    return Err(corruption(
                         &path,
-                        o.valid_len,
-                        format!("sealed segment: {:?}", o.stop),
-                    ))
-                })?;
+                        summary.segment_len as usize,
+                        format!(
+                            "sealed segment below the durable offset {durable} ends at offset {} \
+                         (next segment starts at {successor}): {stop:?}",
+                            summary.next_offset
+                        ),
+                    ));
+                }
+                return Ok(Sealed::Torn);
+            }
             report.indexes_rebuilt += 1;
             segment::write_index_files(dir, base, &index, &summary)?;
             (index, summary)
         }
     };
-    if summary.segment_len == 0 {
-        return Err(corruption(&path, 0, "empty sealed segment".into()));
+    if summary.segment_len == 0 || summary.next_offset != successor {
+        return Err(corruption(
+            &path,
+            0,
+            format!(
+                "sealed segment ends at offset {}, next segment starts at {successor}",
+                summary.next_offset
+            ),
+        ));
     }
     if file_len > summary.segment_len {
         // Trim the preallocated tail a live reader kept us from trimming at seal time.
         file.set_len(summary.segment_len).ctx("trim", &path)?;
-        file.sync_all().ctx("fsync", &path)?;
     }
     let map = SharedMap::read_only(&file, summary.segment_len as usize).ctx("mmap", &path)?;
-    Ok(Segment::new(dir, base, map, index, summary))
+    Ok(Sealed::Ok(Segment::new(dir, base, map, index, summary)))
 }
 
 fn corruption(path: &Path, position: usize, reason: String) -> StorageError {
@@ -649,46 +732,32 @@ fn corruption(path: &Path, position: usize, reason: String) -> StorageError {
     }
 }
 
-/// Scans a segment file; `on_stop` decides what an early stop means (an error, or where to cut).
+/// Scans a whole segment file, returning its index, summary and why the scan stopped.
 fn scan_segment(
     file: &File,
     path: &Path,
     base: u64,
     file_len: u64,
     config: &LogConfig,
-    report: &mut RecoveryReport,
-    on_stop: impl FnOnce(&scan::ScanOutcome) -> Result<usize>,
-) -> Result<(SegmentIndex, SegmentSummary)> {
+) -> Result<(SegmentIndex, SegmentSummary, ScanStop)> {
     let mut index = SegmentIndex::default();
+    let mut summary = SegmentSummary {
+        next_offset: base,
+        segment_len: 0,
+        max_timestamp: i64::MIN,
+    };
     if file_len == 0 {
-        let s = SegmentSummary {
-            next_offset: base,
-            segment_len: 0,
-            max_timestamp: i64::MIN,
-        };
-        return Ok((index, s));
+        return Ok((index, summary, ScanStop::End));
     }
     let map = SharedMap::read_only(file, file_len as usize).ctx("mmap", path)?;
-    let buf = map.slice(0, file_len as usize);
     let interval = config.index_interval_bytes;
-    let mut outcome = scan::scan(buf, base, |pos, h| index.on_append(base, pos, h, interval));
-    report.scanned_bytes += outcome.valid_len as u64;
-    if outcome.stop != ScanStop::End {
-        let cut = on_stop(&outcome)?;
-        if cut < outcome.valid_len {
-            index = SegmentIndex::default();
-            outcome = scan::scan(&buf[..cut], base, |pos, h| {
-                index.on_append(base, pos, h, interval)
-            });
-        }
-        outcome.valid_len = cut;
-    }
-    let s = SegmentSummary {
-        next_offset: outcome.next_offset,
-        segment_len: outcome.valid_len as u64,
-        max_timestamp: outcome.max_timestamp,
-    };
-    Ok((index, s))
+    let o = scan::scan(map.slice(0, file_len as usize), base, |pos, h| {
+        index.on_append(base, pos, h, interval)
+    });
+    summary.next_offset = o.next_offset;
+    summary.segment_len = o.valid_len as u64;
+    summary.max_timestamp = o.max_timestamp;
+    Ok((index, summary, o.stop))
 }
 
 fn open_active(

@@ -211,8 +211,8 @@ impl Segment {
         write_index_files(&self.dir, self.base_offset, &idx, &self.summary())
     }
 
-    /// Swaps in a read-only map of exactly the valid bytes; trims the preallocated tail when no
-    /// reader still holds the writable map (otherwise the next open trims it).
+    /// Swaps in a map of exactly the valid bytes; trims the preallocated tail when no reader
+    /// still holds the old map (otherwise the next open trims it).
     pub(crate) fn seal(&self) -> Result<()> {
         let path = self.path(LOG_EXT);
         let len = self.len();
@@ -225,8 +225,8 @@ impl Segment {
                 .write(true)
                 .open(&path)
                 .ctx("open", &path)?;
+            // Not fsynced: if the trim is lost in a crash, the next open trims again.
             f.set_len(len as u64).ctx("trim", &path)?;
-            f.sync_all().ctx("fsync", &path)?;
         }
         Ok(())
     }

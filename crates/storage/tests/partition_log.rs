@@ -589,3 +589,96 @@ proptest! {
         }
     }
 }
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+#[test]
+fn buffered_log_torn_inside_an_unflushed_sealed_segment_is_cut_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small(4096);
+    {
+        let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+        for id in 0..80u64 {
+            log.append(&batch(id, 2, 0, 100), 0).unwrap();
+        }
+        assert!(log.segment_count() >= 4);
+    } // never flushed: the recovery point is still 0
+    let segs = segment_files(dir.path());
+    // The second segment lost its last bytes (their page never reached the disk).
+    let victim = &segs[1];
+    let data = std::fs::read(victim).unwrap();
+    std::fs::write(victim, &data[..data.len() - 50]).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+    let rep = log.recovery_report().clone();
+    assert_eq!(rep.segments_discarded, segs.len() - 2, "{rep:?}");
+    assert_eq!(log.segment_count(), 2);
+    assert!(log.log_end() > 0);
+    let got = read_all(&log, 0);
+    assert_eq!(got.len() as u64, log.log_end());
+    // The log goes on from the cut.
+    let end = log.log_end();
+    assert_eq!(
+        log.append(&batch(99, 1, 0, 10), 0).unwrap().base_offset,
+        end
+    );
+}
+
+#[test]
+fn flushed_sealed_segment_damage_is_corruption_not_a_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small(4096);
+    {
+        let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+        for id in 0..40u64 {
+            log.append(&batch(id, 2, 0, 100), 0).unwrap();
+        }
+        log.flush().unwrap();
+    }
+    let segs = segment_files(dir.path());
+    let victim = &segs[1];
+    let data = std::fs::read(victim).unwrap();
+    std::fs::write(victim, &data[..data.len() - 50]).unwrap();
+    let err = PartitionLog::open(dir.path(), cfg, Recovery::Recorded).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        segs.len(),
+        "nothing may be deleted"
+    );
+}
+
+#[test]
+fn buffered_flush_syncs_every_sealed_segment_before_moving_the_recovery_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let synced: Arc<std::sync::Mutex<Vec<PathBuf>>> = Arc::default();
+    let s2 = Arc::clone(&synced);
+    let hook: runnel_storage::SyncHook = Arc::new(move |p: &Path| {
+        s2.lock().unwrap().push(p.to_path_buf());
+        Ok(())
+    });
+    let log = PartitionLog::open_with_sync_hook(dir.path(), small(4096), Recovery::Recorded, hook)
+        .unwrap();
+    for id in 0..40u64 {
+        log.append(&batch(id, 2, 0, 100), 0).unwrap();
+    }
+    assert!(
+        synced.lock().unwrap().is_empty(),
+        "Buffered appends and rolls must not sync data"
+    );
+    log.flush().unwrap();
+    let mut got = synced.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        segment_files(dir.path()),
+        "every segment synced by flush"
+    );
+}
