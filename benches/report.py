@@ -46,7 +46,7 @@ for n in (100, 1000):
     fs = estimate("append", "runnel_fsync", n)
     bu = estimate("append", "runnel_buffered", n)
     row(f"append {n}×1 KiB, raw write+fdatasync (baseline)", raw_sync)
-    row(f"append {n}×1 KiB, Runnel PersistMode::Fsync (msync per append) / baseline", fs,
+    row(f"append {n}×1 KiB, Runnel PersistMode::Fsync (fdatasync per append) / baseline", fs,
         fs[1] / raw_sync[1] if fs and raw_sync else None)
     row(f"append {n}×1 KiB, raw write, no sync (baseline)", raw)
     row(f"append {n}×1 KiB, Runnel PersistMode::Buffered / baseline", bu,
