@@ -24,7 +24,7 @@
 //! with `-1` as the length of a null key or value.
 //!
 //! [`validate`] checks a batch's structure and CRC without touching its records,
-//! [`RecordBatch`] decodes records zero-copy from a [`Bytes`], and
+//! [`RecordBatch`] decodes records zero-copy from a [`bytes::Bytes`], and
 //! [`BatchBuilder`] writes the same bytes a Kafka client writes.
 
 mod builder;
