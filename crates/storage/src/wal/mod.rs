@@ -4,7 +4,7 @@
 //! fdatasyncs everything written so far and then completes every callback waiting on those
 //! bytes (group commit: one fdatasync serves many appends). Plain file I/O, no maps, so every
 //! failure is a `Result`, and an fdatasync failure poisons the WAL: every later write fails with
-//! [`StorageError::Poisoned`](crate::StorageError::Poisoned).
+//! [`StorageError::Poisoned`].
 //!
 //! Files are named by the index of their first entry (`00000000000000000000.wal`), roll at
 //! [`WalConfig::file_bytes`], and are removed whole by [`Wal::purge_upto`].
