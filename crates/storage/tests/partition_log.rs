@@ -282,7 +282,7 @@ fn retention_by_age_and_size_advances_log_start_first() {
 }
 
 #[test]
-fn index_missing_short_or_past_eof_is_rebuilt() {
+fn index_missing_or_short_is_rebuilt_and_a_short_sealed_log_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small(8 * 1024);
     let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
@@ -681,4 +681,31 @@ fn buffered_flush_syncs_every_sealed_segment_before_moving_the_recovery_point() 
         segment_files(dir.path()),
         "every segment synced by flush"
     );
+}
+
+#[test]
+fn index_with_a_valid_crc_pointing_past_eof_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small(4096);
+    let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+    for id in 0..40u64 {
+        log.append(&batch(id, 2, 0, 100), 0).unwrap();
+    }
+    let want = read_all(&log, 0);
+    log.close().unwrap();
+    // Rewrite the first index's segment length (bytes 24..32) far past the file, with a fresh
+    // CRC, so only the bounds check can catch it.
+    let idx = dir.path().join("00000000000000000000.index");
+    let mut b = std::fs::read(&idx).unwrap();
+    b[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    let n = b.len();
+    let crc = crc32c::crc32c(&b[..n - 4]);
+    b[n - 4..].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&idx, &b).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg, Recovery::Recorded).unwrap();
+    assert_eq!(log.recovery_report().indexes_rebuilt, 1);
+    assert_eq!(read_all(&log, 0), want);
+    drop(log);
+    let rebuilt = std::fs::read(&idx).unwrap();
+    assert_ne!(rebuilt, b, "the bad index file was rewritten");
 }
