@@ -69,6 +69,7 @@ fn round_trip_across_files_and_reopen() {
     assert_eq!(
         wal.last(),
         Some(LogPosition {
+            leader_node: 0,
             index: 499,
             term: 5
         })
@@ -237,7 +238,14 @@ fn truncate_after_removes_the_suffix_durably() {
     let files = wal_files(dir.path()).len();
     wal.truncate_after(30).unwrap();
     assert!(wal_files(dir.path()).len() < files);
-    assert_eq!(wal.last(), Some(LogPosition { index: 30, term: 1 }));
+    assert_eq!(
+        wal.last(),
+        Some(LogPosition {
+            leader_node: 0,
+            index: 30,
+            term: 1
+        })
+    );
     let new: Vec<Entry> = (31..40).map(|i| entry(i, 2, 40)).collect();
     wal.append_durable(&new).unwrap();
     wal.truncate_after(1000).unwrap(); // past the end: nothing to do
@@ -258,6 +266,7 @@ fn purge_removes_whole_files_and_survives_restart() {
     }
     let before = wal_files(dir.path()).len();
     wal.purge_upto(LogPosition {
+        leader_node: 0,
         index: 120,
         term: 3,
     })
@@ -276,12 +285,14 @@ fn purge_removes_whole_files_and_survives_restart() {
     assert_eq!(
         wal.purged(),
         Some(LogPosition {
+            leader_node: 0,
             index: 120,
             term: 3
         })
     );
     // Purging past the end (a snapshot was installed) empties the log; it continues after it.
     wal.purge_upto(LogPosition {
+        leader_node: 0,
         index: 500,
         term: 4,
     })
@@ -289,6 +300,7 @@ fn purge_removes_whole_files_and_survives_restart() {
     assert_eq!(
         wal.last(),
         Some(LogPosition {
+            leader_node: 0,
             index: 500,
             term: 4
         })
@@ -311,14 +323,22 @@ fn vote_and_committed_survive_restart() {
     wal.save_vote(b"term=5,node=2").unwrap();
     wal.append_durable(&[entry(0, 5, 1), entry(1, 5, 1)])
         .unwrap();
-    wal.save_committed(LogPosition { index: 1, term: 5 })
-        .unwrap();
+    wal.save_committed(LogPosition {
+        leader_node: 0,
+        index: 1,
+        term: 5,
+    })
+    .unwrap();
     drop(wal);
     let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
     assert_eq!(wal.read_vote().as_deref(), Some(&b"term=5,node=2"[..]));
     assert_eq!(
         wal.read_committed(),
-        Some(LogPosition { index: 1, term: 5 })
+        Some(LogPosition {
+            leader_node: 0,
+            index: 1,
+            term: 5
+        })
     );
     assert!(wal.save_vote(&[0u8; 300]).is_err());
 }
@@ -341,8 +361,12 @@ fn corruption_at_or_below_committed_or_in_an_old_file_is_reported_not_cut() {
     for i in 0..100 {
         wal.append_durable(&[entry(i, 1, 40)]).unwrap();
     }
-    wal.save_committed(LogPosition { index: 99, term: 1 })
-        .unwrap();
+    wal.save_committed(LogPosition {
+        leader_node: 0,
+        index: 99,
+        term: 1,
+    })
+    .unwrap();
     drop(wal);
     let files = wal_files(dir.path());
     let last = files.last().unwrap();
@@ -414,4 +438,23 @@ proptest! {
             std::fs::write(&path, &pristine).unwrap();
         }
     }
+}
+
+#[test]
+fn truncate_from_the_first_index_empties_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
+    for c in (0..30)
+        .map(|i| entry(i, 1, 40))
+        .collect::<Vec<_>>()
+        .chunks(4)
+    {
+        wal.append_durable(c).unwrap();
+    }
+    wal.truncate_from(wal.first_index()).unwrap();
+    assert_eq!(wal.last(), None);
+    wal.append_durable(&[entry(0, 2, 5)]).unwrap();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
+    assert_eq!(wal.read(0, 1, usize::MAX).unwrap(), vec![entry(0, 2, 5)]);
 }

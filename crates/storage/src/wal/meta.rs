@@ -7,12 +7,14 @@
 //!
 //! Slot layout (big-endian):
 //! ```text
-//!   0  4  magic "RNWM"          24  8 committed index    49  8 purged term
-//!   4  2  version (1)           32  8 committed term     57  2 vote length V (≤ 256)
-//!   6  2  reserved (0)          40  1 purged present     59  V vote bytes (opaque)
-//!   8  8  sequence number       41  8 purged index       59+V 4 CRC-32C of bytes 0..59+V
-//!                                (57: top bit set = a vote is present, even an empty one)
-//!  16  1  committed present     (17..24 reserved, 0)
+//!   0  4  magic "RNWM"           48  1  purged present (0/1)
+//!   4  2  version (1)            56  8  purged index
+//!   6  2  reserved (0)           64  8  purged term
+//!   8  8  sequence number        72  8  purged leader node
+//!  16  1  committed present      80  2  vote length V (≤ 256); top bit set = a vote is present
+//!  24  8  committed index        82  V  vote bytes (opaque)
+//!  32  8  committed term       82+V  4  CRC-32C of bytes 0..82+V
+//!  40  8  committed leader node  (unlisted bytes are reserved, 0)
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -30,12 +32,17 @@ const SLOT: usize = 512;
 const MAGIC: &[u8; 4] = b"RNWM";
 const VERSION: u16 = 1;
 const FILE_NAME: &str = "wal.meta";
+/// Where the vote bytes start in a slot (its 2-byte length sits just before).
+const VOTE_AT: usize = 82;
 
 /// A position in the Raft log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LogPosition {
     /// Term of the entry.
     pub term: u64,
+    /// Id of the leader that proposed the entry (Raft log ids name it beside the term); 0 where
+    /// the WAL derives a position from its records, which carry only index and term.
+    pub leader_node: u64,
     /// Index of the entry.
     pub index: u64,
 }
@@ -131,15 +138,13 @@ fn encode(seq: u64, m: &WalMeta) -> Result<Vec<u8>> {
     b[..4].copy_from_slice(MAGIC);
     b[4..6].copy_from_slice(&VERSION.to_be_bytes());
     b[8..16].copy_from_slice(&seq.to_be_bytes());
-    if let Some(c) = m.committed {
-        b[16] = 1;
-        b[24..32].copy_from_slice(&c.index.to_be_bytes());
-        b[32..40].copy_from_slice(&c.term.to_be_bytes());
-    }
-    if let Some(p) = m.purged {
-        b[40] = 1;
-        b[41..49].copy_from_slice(&p.index.to_be_bytes());
-        b[49..57].copy_from_slice(&p.term.to_be_bytes());
+    for (flag, at, pos) in [(16, 24, m.committed), (48, 56, m.purged)] {
+        if let Some(p) = pos {
+            b[flag] = 1;
+            b[at..at + 8].copy_from_slice(&p.index.to_be_bytes());
+            b[at + 8..at + 16].copy_from_slice(&p.term.to_be_bytes());
+            b[at + 16..at + 24].copy_from_slice(&p.leader_node.to_be_bytes());
+        }
     }
     // The top bit marks a present vote, so an empty vote is distinct from none.
     let vlen = if m.vote.is_some() {
@@ -147,9 +152,9 @@ fn encode(seq: u64, m: &WalMeta) -> Result<Vec<u8>> {
     } else {
         0
     };
-    b[57..59].copy_from_slice(&vlen.to_be_bytes());
-    b[59..59 + vote.len()].copy_from_slice(vote);
-    let end = 59 + vote.len();
+    b[VOTE_AT - 2..VOTE_AT].copy_from_slice(&vlen.to_be_bytes());
+    b[VOTE_AT..VOTE_AT + vote.len()].copy_from_slice(vote);
+    let end = VOTE_AT + vote.len();
     let crc = crc32c::crc32c(&b[..end]);
     b[end..end + 4].copy_from_slice(&crc.to_be_bytes());
     Ok(b)
@@ -160,12 +165,12 @@ fn decode(b: &[u8]) -> Option<(u64, WalMeta)> {
         return None;
     }
     let u64_at = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    let vlen_raw = u16::from_be_bytes([b[57], b[58]]);
+    let vlen_raw = u16::from_be_bytes([b[VOTE_AT - 2], b[VOTE_AT - 1]]);
     let vlen = (vlen_raw & 0x7fff) as usize;
     if vlen > VOTE_BYTES_MAX {
         return None;
     }
-    let end = 59 + vlen;
+    let end = VOTE_AT + vlen;
     if crc32c::crc32c(&b[..end]).to_be_bytes() != b[end..end + 4] {
         return None;
     }
@@ -174,13 +179,14 @@ fn decode(b: &[u8]) -> Option<(u64, WalMeta)> {
         1 => Some(Some(LogPosition {
             index: u64_at(at),
             term: u64_at(at + 8),
+            leader_node: u64_at(at + 16),
         })),
         _ => None,
     };
     let meta = WalMeta {
-        vote: (vlen_raw & 0x8000 != 0).then(|| Bytes::copy_from_slice(&b[59..end])),
+        vote: (vlen_raw & 0x8000 != 0).then(|| Bytes::copy_from_slice(&b[VOTE_AT..end])),
         committed: pos(b[16], 24)?,
-        purged: pos(b[40], 41)?,
+        purged: pos(b[48], 56)?,
     };
     Some((u64_at(8), meta))
 }
@@ -201,8 +207,16 @@ mod tests {
         m.save(v1.clone()).unwrap();
         let v2 = WalMeta {
             vote: Some(Bytes::from_static(b"vote-2")),
-            committed: Some(LogPosition { term: 2, index: 9 }),
-            purged: Some(LogPosition { term: 1, index: 3 }),
+            committed: Some(LogPosition {
+                term: 2,
+                leader_node: 5,
+                index: 9,
+            }),
+            purged: Some(LogPosition {
+                term: 1,
+                leader_node: 4,
+                index: 3,
+            }),
         };
         m.save(v2.clone()).unwrap();
         drop(m);

@@ -160,6 +160,7 @@ impl State {
         for f in self.files.iter().rev() {
             if let Some(&(_, term)) = f.entries.last() {
                 return Some(LogPosition {
+                    leader_node: 0,
                     index: f.next_index() - 1,
                     term,
                 });
@@ -410,13 +411,21 @@ impl Wal {
     /// # Errors
     /// [`StorageError::InvalidArgument`] when `index` lies below the purged prefix.
     pub fn truncate_after(&self, index: u64) -> Result<()> {
+        self.truncate_from(index + 1)
+    }
+
+    /// Removes every entry at or after `keep_next` (durably); `truncate_from(first_index())`
+    /// empties the log.
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidArgument`] when `keep_next` lies inside the purged prefix.
+    pub fn truncate_from(&self, keep_next: u64) -> Result<()> {
         let sh = &*self.shared;
         sh.poison.check()?;
         let mut st = self.lock();
-        let keep_next = index + 1;
         if keep_next < st.first_readable() {
             return Err(StorageError::InvalidArgument(format!(
-                "cannot truncate after {index}: entries up to {} are purged",
+                "cannot truncate from {keep_next}: entries up to {} are purged",
                 st.first_readable() - 1
             )));
         }
