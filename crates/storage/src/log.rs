@@ -591,6 +591,15 @@ impl PartitionLog {
         Ok(report)
     }
 
+    /// Every segment's `.log` path and valid length, oldest first: what a checkpoint hard-links.
+    /// Call [`PartitionLog::flush`] first so the bytes are on disk.
+    pub fn segment_files(&self) -> Vec<(PathBuf, u64)> {
+        self.snapshot()
+            .iter()
+            .map(|s| (s.path(LOG_EXT), s.len() as u64))
+            .collect()
+    }
+
     /// Flushes and closes the log.
     pub fn close(self) -> Result<()> {
         self.flush().map(|_| ())

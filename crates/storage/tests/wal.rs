@@ -458,3 +458,18 @@ fn truncate_from_the_first_index_empties_the_log() {
     let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
     assert_eq!(wal.read(0, 1, usize::MAX).unwrap(), vec![entry(0, 2, 5)]);
 }
+
+#[test]
+fn an_empty_log_starts_at_its_first_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), cfg(4096)).unwrap();
+    wal.append_durable(&[entry(5, 1, 3), entry(6, 1, 3)])
+        .unwrap();
+    assert_eq!(wal.first_index(), 5);
+    // Once it holds entries, gaps are refused.
+    assert!(wal.append(&[entry(9, 1, 3)], None).is_err());
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(4096)).unwrap();
+    assert_eq!(wal.read(5, 7, usize::MAX).unwrap().len(), 2);
+    assert_eq!(wal_files(dir.path()).len(), 1);
+}

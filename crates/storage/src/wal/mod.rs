@@ -263,6 +263,19 @@ impl Wal {
         sh.poison.check()?;
         let mut st = self.lock();
         sh.poison.check()?;
+        // An empty log that never purged anything has no next index yet: it starts where the
+        // first append does (Raft logs may begin anywhere, e.g. at 1).
+        if let Some(first) = entries.first()
+            && st.meta.state().purged.is_none()
+            && st.files.iter().all(|f| f.entries.is_empty())
+            && first.index != st.next_index()
+        {
+            let old: Vec<WalFile> = st.files.drain(..).collect();
+            for f in &old {
+                std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+            }
+            st.files.push(create_file(&sh.dir, first.index)?);
+        }
         let mut buf = Vec::with_capacity(
             entries
                 .iter()
