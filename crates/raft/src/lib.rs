@@ -6,10 +6,14 @@
 //! checkpoint snapshots, and the gRPC transport. It must not know about the client-facing API.
 
 mod codec;
+pub mod host;
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
+mod transport;
 pub mod types;
 
+pub use host::{GroupMetrics, HostConfig, HostError, RaftHost, WriteError, Written};
 pub use log_store::LogStore;
 pub use state_machine::{Checkpoint, GroupStore, ReadError, StateMachine};
 pub use types::{ApplyError, ApplyResult, Cmd, NodeAddr, TypeConfig};

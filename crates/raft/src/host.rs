@@ -1,0 +1,477 @@
+//! The host API the server builds on: a node's Raft groups, its transport, and the calls a
+//! broker needs (write, read, metrics, readiness, leadership, membership, shutdown).
+//!
+//! ```text
+//!  <data dir>/groups/<group id>/wal/          the group's Raft log (WAL)
+//!  <data dir>/groups/<group id>/partitions/   its partitions (state machine)
+//!  <data dir>/groups/<group id>/checkpoints/  its snapshots
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use runnel_proto::raft as pb;
+use runnel_proto::raft::raft_transport_server::RaftTransportServer;
+use runnel_storage::LogConfig;
+use runnel_storage::wal::{Wal, WalConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::log_store::LogStore;
+use crate::network::{GroupNetwork, RPC_BYTES_MAX, Router};
+use crate::state_machine::{GroupStore, StateMachine};
+use crate::transport::{GroupEntry, Registry, TransportService};
+use crate::types::{ApplyResult, Cmd, NodeAddr};
+
+/// How a node runs its groups.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// This node's id; never reused by another node, even after a disk loss.
+    pub node_id: u64,
+    /// Where every group's data lives.
+    pub data_dir: PathBuf,
+    /// Leader heartbeat period. Default 100 ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout range: a follower that hears nothing for a random time in it campaigns.
+    /// Default 1000–2000 ms (a 2-core box under load stalls for hundreds of ms).
+    pub election_timeout_ms: (u64, u64),
+    /// Checkpoint after this many applied entries since the last one. Default 20 000.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a checkpoint, for followers slightly behind. Default 1000.
+    pub log_entries_kept: u64,
+    /// Time allowed to install a streamed snapshot. Default 10 minutes (large partitions).
+    pub install_snapshot_timeout_ms: u64,
+    /// Defaults for partitions (segment size, retention).
+    pub partition_defaults: LogConfig,
+    /// Group WAL settings.
+    pub wal: WalConfig,
+}
+
+impl HostConfig {
+    /// Defaults for `node_id` storing under `data_dir`.
+    pub fn new(node_id: u64, data_dir: impl Into<PathBuf>) -> Self {
+        HostConfig {
+            node_id,
+            data_dir: data_dir.into(),
+            heartbeat_ms: 100,
+            election_timeout_ms: (1000, 2000),
+            snapshot_every_entries: 20_000,
+            log_entries_kept: 1000,
+            install_snapshot_timeout_ms: 600_000,
+            partition_defaults: LogConfig::default(),
+            wal: WalConfig::default(),
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, HostError> {
+        let c = openraft::Config {
+            cluster_name: "runnel".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms.0,
+            election_timeout_max: self.election_timeout_ms.1,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.log_entries_kept,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        c.validate().map_err(|e| HostError::Config(e.to_string()))
+    }
+}
+
+/// A host-level failure.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The configuration is invalid.
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    /// This node does not host the group.
+    #[error("unknown raft group {0}")]
+    UnknownGroup(u64),
+    /// Disk or startup failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Raft refused or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A wait ran out of time.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// Why a write was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// This node is not the group's leader; retry at the leader when one is known.
+    #[error("not the leader (leader: {leader_id:?} at {leader_addr:?})")]
+    NotLeader {
+        /// The leader's node id, if known.
+        leader_id: Option<u64>,
+        /// The leader's address, if known.
+        leader_addr: Option<String>,
+    },
+    /// The entry may or may not have been committed (leadership changed under it): retry
+    /// idempotently.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// This node does not host the group.
+    #[error("unknown raft group {0}")]
+    UnknownGroup(u64),
+    /// The group is shutting down or failed.
+    #[error("group unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A committed and applied write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Raft log index of the entry.
+    pub index: u64,
+    /// What the state machine did with it.
+    pub result: ApplyResult,
+}
+
+/// A snapshot of one group's Raft state on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMetrics {
+    /// The group.
+    pub group_id: u64,
+    /// This node.
+    pub node_id: u64,
+    /// The current leader, if known.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log: Option<u64>,
+    /// Committed index.
+    pub committed: Option<u64>,
+    /// Applied index.
+    pub applied: Option<u64>,
+    /// Term of the last applied entry.
+    pub applied_term: Option<u64>,
+    /// Index of the last checkpoint.
+    pub snapshot: Option<u64>,
+    /// Index up to which the log is purged.
+    pub purged: Option<u64>,
+    /// Voters of the current membership.
+    pub voters: BTreeSet<u64>,
+    /// Learners of the current membership.
+    pub learners: BTreeSet<u64>,
+    /// This node leads and has applied an entry of its own term: it may serve reads.
+    pub ready: bool,
+}
+
+/// A node's Raft groups and transport.
+pub struct RaftHost {
+    cfg: HostConfig,
+    raft_config: Arc<openraft::Config>,
+    registry: Registry,
+    router: Router,
+    addr: std::net::SocketAddr,
+    server: std::sync::Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl std::fmt::Debug for RaftHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftHost")
+            .field("node_id", &self.cfg.node_id)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl RaftHost {
+    /// Starts the transport on `listener` (peers connect there) with no groups yet.
+    pub async fn start(cfg: HostConfig, listener: TcpListener) -> Result<Self, HostError> {
+        let raft_config = Arc::new(cfg.raft_config()?);
+        std::fs::create_dir_all(cfg.data_dir.join("groups"))?;
+        let registry = Registry::default();
+        let addr = listener.local_addr()?;
+        let svc = RaftTransportServer::new(TransportService {
+            registry: registry.clone(),
+        })
+        .max_decoding_message_size(RPC_BYTES_MAX)
+        .max_encoding_message_size(RPC_BYTES_MAX);
+        let (tx, rx) = oneshot::channel::<()>();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "raft transport stopped");
+            }
+        });
+        tracing::info!(node = cfg.node_id, %addr, "raft transport listening");
+        Ok(RaftHost {
+            cfg,
+            raft_config,
+            registry,
+            router: Router::default(),
+            addr,
+            server: std::sync::Mutex::new(Some((tx, server))),
+        })
+    }
+
+    /// Where the transport listens.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// Opens (recovering from disk) and starts group `group_id` on this node.
+    pub async fn open_group(&self, group_id: u64) -> Result<(), HostError> {
+        if self.registry.get(group_id).is_some() {
+            return Ok(());
+        }
+        let dir = self.cfg.data_dir.join("groups").join(group_id.to_string());
+        let wal_cfg = self.cfg.wal.clone();
+        let wal_dir = dir.join("wal");
+        let wal = tokio::task::spawn_blocking(move || Wal::open(wal_dir, wal_cfg))
+            .await
+            .map_err(|e| HostError::Raft(e.to_string()))?
+            .map_err(std::io::Error::other)?;
+        let store = GroupStore::open(&dir, self.cfg.partition_defaults.clone())?;
+        let sm = StateMachine::new(Arc::clone(&store));
+        let network = GroupNetwork::new(self.router.clone(), group_id);
+        let log = LogStore::new(wal);
+        let raft = openraft::Raft::new(
+            self.cfg.node_id,
+            Arc::clone(&self.raft_config),
+            network,
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| HostError::Raft(e.to_string()))?;
+        self.registry
+            .insert(group_id, GroupEntry { raft, store, log });
+        tracing::info!(node = self.cfg.node_id, group = group_id, "group started");
+        Ok(())
+    }
+
+    /// Initializes a new group with `members` (node id → peer address) as its voters. Every
+    /// member must be given the same set; calling it on an initialized group is a no-op.
+    pub async fn initialize_group(
+        &self,
+        group_id: u64,
+        members: &BTreeMap<u64, String>,
+    ) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        for (id, addr) in members {
+            self.router.set_peer(*id, addr);
+        }
+        let nodes: BTreeMap<u64, NodeAddr> = members
+            .iter()
+            .map(|(id, a)| (*id, NodeAddr { addr: a.clone() }))
+            .collect();
+        if g.raft
+            .is_initialized()
+            .await
+            .map_err(|e| HostError::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
+        match g.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.to_string().contains("not allowed to initialize") => Ok(()),
+            Err(e) => Err(HostError::Raft(e.to_string())),
+        }
+    }
+
+    fn group(&self, group_id: u64) -> Result<GroupEntry, HostError> {
+        self.registry
+            .get(group_id)
+            .ok_or(HostError::UnknownGroup(group_id))
+    }
+
+    /// The group's state (partitions, offsets) for reads on this node.
+    pub fn store(&self, group_id: u64) -> Option<Arc<GroupStore>> {
+        self.registry.get(group_id).map(|g| g.store)
+    }
+
+    /// What the group's WAL recovery found when the group was opened on this node.
+    pub fn wal_recovery(&self, group_id: u64) -> Option<runnel_storage::wal::WalRecovery> {
+        self.registry
+            .get(group_id)
+            .map(|g| g.log.wal().recovery().clone())
+    }
+
+    /// Groups this node hosts.
+    pub fn groups(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.registry.all().into_iter().map(|(id, _)| id).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Proposes `cmd` to the group and waits until it is committed on a majority (each of which
+    /// fdatasynced it) and applied here.
+    pub async fn write(&self, group_id: u64, cmd: pb::Command) -> Result<Written, WriteError> {
+        let g = self
+            .registry
+            .get(group_id)
+            .ok_or(WriteError::UnknownGroup(group_id))?;
+        match g.raft.client_write(Cmd(cmd)).await {
+            Ok(r) => Ok(Written {
+                index: r.log_id.index,
+                result: r.data,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => Err(
+                WriteError::Unknown(format!("leader changed to {:?}", f.leader_id)),
+            ),
+            Err(e) => Err(WriteError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The group's current metrics on this node.
+    pub fn metrics(&self, group_id: u64) -> Option<GroupMetrics> {
+        let g = self.registry.get(group_id)?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let learners: BTreeSet<u64> = mem.learner_ids().collect();
+        let applied_term = m.last_applied.map(|l| l.leader_id.term);
+        Some(GroupMetrics {
+            group_id,
+            node_id: self.cfg.node_id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log: m.last_log_index,
+            committed: m.local_committed.map(|l| l.index),
+            applied: m.last_applied.map(|l| l.index),
+            applied_term,
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            ready: m.state == ServerState::Leader && applied_term == Some(m.current_term),
+        })
+    }
+
+    /// Waits until `pred` holds for the group's metrics, or `timeout` passes.
+    pub async fn wait_until(
+        &self,
+        group_id: u64,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&GroupMetrics) -> bool,
+    ) -> Result<GroupMetrics, HostError> {
+        let g = self.group(group_id)?;
+        let mut rx = g.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.metrics(group_id)
+                && pred(&m)
+            {
+                return Ok(m);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(HostError::Raft("group stopped".into())),
+                Err(_) => return Err(HostError::Timeout(timeout, what.to_string())),
+            }
+        }
+    }
+
+    /// Asks the leader of a group (this node) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, group_id: u64, to: u64) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        g.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Writes a checkpoint of the group now (and purges the log behind it per policy).
+    pub async fn checkpoint(&self, group_id: u64) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        g.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Adds `node_id` at `addr` as a learner of the group and waits until it has caught up.
+    pub async fn add_learner(
+        &self,
+        group_id: u64,
+        node_id: u64,
+        addr: &str,
+    ) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        self.router.set_peer(node_id, addr);
+        g.raft
+            .add_learner(
+                node_id,
+                NodeAddr {
+                    addr: addr.to_string(),
+                },
+                true,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Makes exactly `voters` the group's voters (learners among them are promoted, voters not
+    /// listed are removed).
+    pub async fn change_voters(
+        &self,
+        group_id: u64,
+        voters: BTreeSet<u64>,
+    ) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        g.raft
+            .change_membership(voters, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Stops every group (joining their tasks) and the transport.
+    pub async fn shutdown(&self) {
+        for (id, g) in self.registry.all() {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(group = id, error = %e, "group shutdown");
+            }
+            self.registry.remove(id);
+        }
+        let server = self.server.lock().expect("server lock").take();
+        if let Some((tx, task)) = server {
+            let _ = tx.send(());
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RaftHost {
+    fn drop(&mut self) {
+        if let Some((tx, task)) = self.server.get_mut().expect("server lock").take() {
+            let _ = tx.send(());
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The server half of the Raft transport: the `RaftTransport` gRPC service, routing every
+//! request to its group's Raft by group id.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest,
+};
+use openraft::storage::{Snapshot, SnapshotMeta};
+use runnel_proto::raft as pb;
+use runnel_proto::raft::raft_transport_server::RaftTransport;
+use runnel_storage::manifest::Manifest;
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec;
+use crate::state_machine::{Checkpoint, GroupStore, StateMachine};
+use crate::types::TypeConfig;
+
+/// A group's Raft handle.
+pub(crate) type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// One group as the transport sees it.
+#[derive(Clone)]
+pub(crate) struct GroupEntry {
+    pub(crate) raft: Raft,
+    pub(crate) store: Arc<GroupStore>,
+    pub(crate) log: crate::log_store::LogStore,
+}
+
+/// The groups this node hosts, by id.
+#[derive(Clone, Default)]
+pub(crate) struct Registry {
+    groups: Arc<RwLock<HashMap<u64, GroupEntry>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&self, id: u64, g: GroupEntry) {
+        self.groups.write().expect("registry lock").insert(id, g);
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<GroupEntry> {
+        self.groups.read().expect("registry lock").get(&id).cloned()
+    }
+
+    pub(crate) fn remove(&self, id: u64) -> Option<GroupEntry> {
+        self.groups.write().expect("registry lock").remove(&id)
+    }
+
+    pub(crate) fn all(&self) -> Vec<(u64, GroupEntry)> {
+        self.groups
+            .read()
+            .expect("registry lock")
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    fn group(&self, id: u64) -> Result<GroupEntry, Status> {
+        self.get(id)
+            .ok_or_else(|| Status::not_found(format!("unknown raft group {id}")))
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft group stopped: {e}"))
+}
+
+/// The `RaftTransport` service.
+#[derive(Clone)]
+pub(crate) struct TransportService {
+    pub(crate) registry: Registry,
+}
+
+#[tonic::async_trait]
+impl RaftTransport for TransportService {
+    async fn vote(
+        &self,
+        req: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let r = req.into_inner();
+        let g = self.registry.group(r.group_id)?;
+        let vote =
+            codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?).map_err(bad)?;
+        let rpc = VoteRequest {
+            vote,
+            last_log_id: codec::opt_log_id_from(&r.last_log_id).map_err(bad)?,
+            leadership_transfer: r.leadership_transfer,
+        };
+        let resp = if r.pre_vote {
+            g.raft.pre_vote(rpc).await
+        } else {
+            g.raft.vote(rpc).await
+        }
+        .map_err(fatal)?;
+        Ok(Response::new(pb::VoteResponse {
+            vote: Some(codec::vote_to(&resp.vote)),
+            vote_granted: resp.vote_granted,
+            last_log_id: codec::opt_log_id_to(&resp.last_log_id),
+        }))
+    }
+
+    async fn append_entries(
+        &self,
+        req: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let g = self.registry.group(r.group_id)?;
+        let rpc = AppendEntriesRequest {
+            vote: codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?)
+                .map_err(bad)?,
+            prev_log_id: codec::opt_log_id_from(&r.prev_log_id).map_err(bad)?,
+            entries: r
+                .entries
+                .iter()
+                .map(codec::entry_from)
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            leader_commit: codec::opt_log_id_from(&r.leader_commit).map_err(bad)?,
+        };
+        use pb::append_entries_response::Result as R;
+        let result = match g.raft.append_entries(rpc).await.map_err(fatal)? {
+            AppendEntriesResponse::Success => R::Success(pb::Blank {}),
+            AppendEntriesResponse::PartialSuccess(m) => R::PartialSuccess(pb::PartialSuccess {
+                matching: codec::opt_log_id_to(&m),
+            }),
+            AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
+            AppendEntriesResponse::HigherVote(v) => R::HigherVote(codec::vote_to(&v)),
+        };
+        Ok(Response::new(pb::AppendEntriesResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| bad("empty snapshot stream"))??;
+        let Some(pb::snapshot_chunk::Kind::Start(start)) = first.kind else {
+            return Err(bad("a snapshot stream must begin with its start chunk"));
+        };
+        let g = self.registry.group(start.group_id)?;
+        let manifest = Manifest::decode(&start.manifest).map_err(bad)?;
+        let dir = g.store.incoming_dir(&manifest.id).map_err(fatal)?;
+        let result = receive_files(&dir, &manifest, &mut stream).await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e);
+        }
+        let vote = codec::vote_from(start.vote.as_ref().ok_or_else(|| bad("vote missing"))?)
+            .map_err(bad)?;
+        let meta = SnapshotMeta {
+            last_log_id: codec::opt_log_id_from(&start.last_log_id).map_err(bad)?,
+            last_membership: codec::stored_membership_from(
+                start
+                    .last_membership
+                    .as_ref()
+                    .ok_or_else(|| bad("membership missing"))?,
+            )
+            .map_err(bad)?,
+        };
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Checkpoint { dir, manifest },
+        };
+        let resp = g
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            vote: Some(codec::vote_to(&resp.vote)),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let g = self.registry.group(r.group_id)?;
+        let from = codec::vote_from(
+            r.from_leader
+                .as_ref()
+                .ok_or_else(|| bad("from_leader missing"))?,
+        )
+        .map_err(bad)?;
+        let rpc = TransferLeaderRequest::new(
+            from,
+            r.to_node_id,
+            codec::opt_log_id_from(&r.last_log_id).map_err(bad)?,
+        );
+        match g.raft.handle_transfer_leader(rpc).await.map_err(fatal)? {
+            Ok(()) => Ok(Response::new(pb::TransferLeaderResponse {})),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+}
+
+type Receiving = Option<(usize, tokio::fs::File, u64, u32)>;
+
+/// Closes the file being received, checking its length and CRC against the manifest.
+async fn finish(manifest: &Manifest, cur: Receiving, done: &mut [bool]) -> Result<(), Status> {
+    if let Some((i, mut f, len, crc)) = cur {
+        let want = &manifest.files[i];
+        if len != want.len || crc != want.crc32c {
+            return Err(bad(format!(
+                "file {} arrived with {len} bytes / CRC {crc:#010x}",
+                want.path
+            )));
+        }
+        f.flush().await.map_err(fatal)?;
+        f.sync_all().await.map_err(fatal)?;
+        done[i] = true;
+    }
+    Ok(())
+}
+
+/// Writes the streamed files of `manifest` under `dir`, checking order, sizes and CRCs.
+async fn receive_files(
+    dir: &std::path::Path,
+    manifest: &Manifest,
+    stream: &mut Streaming<pb::SnapshotChunk>,
+) -> Result<(), Status> {
+    let mut current: Receiving = None;
+    let mut done = vec![false; manifest.files.len()];
+    while let Some(chunk) = stream.next().await {
+        let Some(pb::snapshot_chunk::Kind::Data(d)) = chunk?.kind else {
+            return Err(bad("a second start chunk"));
+        };
+        let i = d.file_index as usize;
+        if i >= manifest.files.len() {
+            return Err(bad("file index outside the manifest"));
+        }
+        if current.as_ref().map(|c| c.0) != Some(i) {
+            finish(manifest, current.take(), &mut done).await?;
+            if done[i] {
+                return Err(bad("a file was sent twice"));
+            }
+            let path: PathBuf = dir.join(&manifest.files[i].path);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent).await.map_err(fatal)?;
+            }
+            let f = tokio::fs::File::create(&path).await.map_err(fatal)?;
+            current = Some((i, f, 0, 0));
+        }
+        let cur = current.as_mut().expect("current file");
+        if d.offset != cur.2 || cur.2 + d.data.len() as u64 > manifest.files[i].len {
+            return Err(bad("snapshot chunk out of order or past the file's length"));
+        }
+        cur.1.write_all(&d.data).await.map_err(fatal)?;
+        cur.2 += d.data.len() as u64;
+        cur.3 = crc32c::crc32c_append(cur.3, &d.data);
+    }
+    finish(manifest, current.take(), &mut done).await?;
+    // Empty files send no chunk: create them.
+    for (i, f) in manifest.files.iter().enumerate() {
+        if !done[i] {
+            if f.len != 0 {
+                return Err(bad(format!("file {} never arrived", f.path)));
+            }
+            let path = dir.join(&f.path);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent).await.map_err(fatal)?;
+            }
+            tokio::fs::File::create(&path).await.map_err(fatal)?;
+        }
+    }
+    manifest.write(&dir.join("MANIFEST")).map_err(fatal)?;
+    Ok(())
+}

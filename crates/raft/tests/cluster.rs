@@ -1,0 +1,704 @@
+//! Multi-group replication over real gRPC on 127.0.0.1: three hosts in one process, several
+//! groups, writes, failover, restart, idempotent retries, offsets, snapshots and learners.
+//! Every wait is on observable state (metrics) with a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use runnel_proto::raft as pb;
+use runnel_raft::{ApplyError, ApplyResult, HostConfig, RaftHost, WriteError};
+use runnel_storage::batch::{BatchBuilder, BatchOptions, RecordBatch};
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    addr: String,
+}
+
+/// Running hosts by node id, shared with writer tasks.
+type Live = Arc<Mutex<BTreeMap<u64, Arc<RaftHost>>>>;
+
+struct Cluster {
+    tmp: tempfile::TempDir,
+    nodes: Vec<Node>,
+    live: Live,
+    groups: Vec<u64>,
+}
+
+fn config(id: u64, dir: &std::path::Path) -> HostConfig {
+    let mut c = HostConfig::new(id, dir);
+    c.heartbeat_ms = 50;
+    c.election_timeout_ms = (400, 800);
+    c
+}
+
+async fn start_host(
+    id: u64,
+    dir: &std::path::Path,
+    addr: &str,
+    groups: &[u64],
+    cfg: &dyn Fn(u64, &std::path::Path) -> HostConfig,
+) -> Arc<RaftHost> {
+    let l = TcpListener::bind(addr).await.unwrap();
+    let host = RaftHost::start(cfg(id, dir), l).await.unwrap();
+    for g in groups {
+        host.open_group(*g).await.unwrap();
+    }
+    Arc::new(host)
+}
+
+/// Waits until a running node leads `group` and is ready (applied an entry of its term).
+async fn ready_leader(live: &Live, group: u64) -> Arc<RaftHost> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let hosts: Vec<Arc<RaftHost>> = live.lock().unwrap().values().cloned().collect();
+        if let Some(h) = hosts
+            .into_iter()
+            .find(|h| h.metrics(group).is_some_and(|m| m.ready))
+        {
+            return h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ready leader for group {group}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Proposes through whoever leads, retrying until applied or the deadline. Only idempotent
+/// commands may be retried after an unknown outcome without risking a duplicate.
+async fn write_via(live: &Live, group: u64, cmd: pb::Command) -> ApplyResult {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let leader = ready_leader(live, group).await;
+        match leader.write(group, cmd.clone()).await {
+            Ok(w) => return w.result,
+            Err(
+                WriteError::NotLeader { .. }
+                | WriteError::Unknown(_)
+                | WriteError::Unavailable(_)
+                | WriteError::UnknownGroup(_),
+            ) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "write to group {group} never succeeded"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Cluster {
+    async fn start(groups: &[u64]) -> Cluster {
+        Self::start_with(groups, &config).await
+    }
+
+    async fn start_with(
+        groups: &[u64],
+        cfg: &dyn Fn(u64, &std::path::Path) -> HostConfig,
+    ) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        let live: Live = Arc::default();
+        for id in 1..=3u64 {
+            let dir = tmp.path().join(format!("n{id}"));
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            drop(l);
+            let host = start_host(id, &dir, &addr, groups, cfg).await;
+            live.lock().unwrap().insert(id, host);
+            nodes.push(Node { id, dir, addr });
+        }
+        let c = Cluster {
+            tmp,
+            nodes,
+            live,
+            groups: groups.to_vec(),
+        };
+        let members = c.members();
+        for g in groups {
+            for h in c.running() {
+                h.initialize_group(*g, &members).await.unwrap();
+            }
+        }
+        for g in groups {
+            c.leader(*g).await;
+        }
+        c
+    }
+
+    fn members(&self) -> BTreeMap<u64, String> {
+        self.nodes.iter().map(|n| (n.id, n.addr.clone())).collect()
+    }
+
+    fn host(&self, id: u64) -> Arc<RaftHost> {
+        self.live
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .expect("running node")
+    }
+
+    fn running(&self) -> Vec<Arc<RaftHost>> {
+        self.live.lock().unwrap().values().cloned().collect()
+    }
+
+    async fn leader(&self, group: u64) -> u64 {
+        ready_leader(&self.live, group).await.node_id()
+    }
+
+    async fn write(&self, group: u64, cmd: pb::Command) -> ApplyResult {
+        write_via(&self.live, group, cmd).await
+    }
+
+    /// Waits until every running node has applied everything any of them has applied. The
+    /// target comes from the state machines themselves (exact when a write returns), not from
+    /// openraft's metrics, which are published a little later.
+    async fn converge(&self, group: u64) {
+        ready_leader(&self.live, group).await;
+        let target = self
+            .running()
+            .iter()
+            .filter_map(|h| {
+                h.store(group)
+                    .and_then(|s| s.last_applied())
+                    .map(|(i, _)| i)
+            })
+            .max();
+        for h in self.running() {
+            h.wait_until(group, WAIT, "replica catches up", |m| m.applied >= target)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn stop(&self, id: u64) {
+        let h = self.live.lock().unwrap().remove(&id).expect("running");
+        h.shutdown().await;
+    }
+
+    async fn restart(&self, id: u64) {
+        let n = self.nodes.iter().find(|n| n.id == id).unwrap().clone();
+        let h = start_host(id, &n.dir, &n.addr, &self.groups, &config).await;
+        self.live.lock().unwrap().insert(id, h);
+    }
+
+    async fn shutdown(self) {
+        for h in self.running() {
+            h.shutdown().await;
+        }
+    }
+}
+
+fn create(partition: u64) -> pb::Command {
+    let spec = pb::PartitionSpec {
+        partition_id: partition,
+        segment_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    pb::Command {
+        kind: Some(pb::command::Kind::CreatePartition(pb::CreatePartition {
+            spec: Some(spec),
+        })),
+    }
+}
+
+fn batch(tag: &str, n: usize, opts: BatchOptions) -> Bytes {
+    let mut b = BatchBuilder::new(opts);
+    for i in 0..n {
+        b.append(
+            1_700_000_000_000 + i as i64,
+            None,
+            Some(format!("{tag}/{i}").as_bytes()),
+            &[],
+        );
+    }
+    b.build()
+}
+
+fn produce(partition: u64, batch: Bytes, opts: BatchOptions) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::Produce(pb::Produce {
+            partition_id: partition,
+            batch,
+            producer_id: opts.producer_id,
+            producer_epoch: opts.producer_epoch as i32,
+            base_sequence: opts.base_sequence,
+            timestamp_ms: 0,
+        })),
+    }
+}
+
+fn produced(r: ApplyResult) -> (u64, u64, bool) {
+    match r {
+        ApplyResult::Produced {
+            base_offset,
+            last_offset,
+            duplicate,
+        } => (base_offset, last_offset, duplicate),
+        other => panic!("not produced: {other:?}"),
+    }
+}
+
+/// Reads every record value of a partition on one node, with its offset.
+fn values(h: &RaftHost, group: u64, partition: u64) -> Vec<(u64, String)> {
+    let store = h.store(group).unwrap();
+    let (hw, start) = store.offsets(partition).unwrap();
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < hw {
+        let r = store.read(partition, at, 1 << 20).unwrap();
+        for b in RecordBatch::split_all(&r.bytes).unwrap() {
+            for rec in b.records().unwrap() {
+                let rec = rec.unwrap();
+                out.push((
+                    rec.offset,
+                    String::from_utf8(rec.value.unwrap().to_vec()).unwrap(),
+                ));
+            }
+        }
+        at = r.next_offset;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_replicate_to_identical_partitions_across_groups() {
+    let c = Cluster::start(&[1, 2]).await;
+    for (g, p) in [(1, 10), (1, 11), (2, 20)] {
+        assert_eq!(c.write(g, create(p)).await, ApplyResult::Done);
+    }
+    let mut next = BTreeMap::new();
+    for i in 0..60 {
+        for (g, p) in [(1u64, 10u64), (1, 11), (2, 20)] {
+            let (base, last, dup) = produced(
+                c.write(
+                    g,
+                    produce(
+                        p,
+                        batch(&format!("{p}-{i}"), 3, BatchOptions::default()),
+                        BatchOptions::default(),
+                    ),
+                )
+                .await,
+            );
+            let want = next.entry(p).or_insert(0u64);
+            assert_eq!(
+                (base, last, dup),
+                (*want, *want + 2, false),
+                "offsets are dense and in order"
+            );
+            *want += 3;
+        }
+    }
+    for g in [1, 2] {
+        c.converge(g).await;
+    }
+    for (g, p) in [(1, 10), (1, 11), (2, 20)] {
+        let digests: BTreeSet<_> = c
+            .running()
+            .iter()
+            .map(|h| h.store(g).unwrap().digest(p).unwrap())
+            .collect();
+        assert_eq!(
+            digests.len(),
+            1,
+            "replicas of partition {p} differ: {digests:?}"
+        );
+        assert_eq!(values(&c.host(1), g, p).len(), 180);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_leader_loss_and_restart_exactly_once() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(7)).await;
+    let mut acked: Vec<(u64, String)> = Vec::new();
+    for i in 0..30 {
+        let tag = format!("a{i}");
+        let (base, _, _) = produced(
+            c.write(
+                1,
+                produce(
+                    7,
+                    batch(&tag, 1, BatchOptions::default()),
+                    BatchOptions::default(),
+                ),
+            )
+            .await,
+        );
+        acked.push((base, format!("{tag}/0")));
+    }
+    let old = c.leader(1).await;
+    c.stop(old).await;
+    let new = c.leader(1).await;
+    assert_ne!(new, old);
+    for i in 30..60 {
+        let tag = format!("a{i}");
+        let (base, _, _) = produced(
+            c.write(
+                1,
+                produce(
+                    7,
+                    batch(&tag, 1, BatchOptions::default()),
+                    BatchOptions::default(),
+                ),
+            )
+            .await,
+        );
+        acked.push((base, format!("{tag}/0")));
+    }
+    // The old leader comes back from its data directory and catches up from WAL and peers.
+    c.restart(old).await;
+    c.converge(1).await;
+    for h in c.running() {
+        let got = values(&h, 1, 7);
+        assert_eq!(
+            got,
+            acked,
+            "node {} disagrees with the acknowledgements",
+            h.node_id()
+        );
+        let hw = h.store(1).unwrap().offsets(7).unwrap().0;
+        assert_eq!(hw, 60);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restart() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(3)).await;
+    let opts = |epoch: i16, seq: i32| BatchOptions {
+        producer_id: 42,
+        producer_epoch: epoch,
+        base_sequence: seq,
+        ..Default::default()
+    };
+    let first = c
+        .write(1, produce(3, batch("p0", 2, opts(0, 0)), opts(0, 0)))
+        .await;
+    assert_eq!(produced(first.clone()), (0, 1, false));
+    // A retry of the same batch returns the original offsets, flagged as a duplicate.
+    let retry = c
+        .write(1, produce(3, batch("p0", 2, opts(0, 0)), opts(0, 0)))
+        .await;
+    assert_eq!(produced(retry), (0, 1, true));
+    // A gap in the sequence is refused, and nothing is written.
+    let gap = c
+        .write(1, produce(3, batch("p2", 1, opts(0, 5)), opts(0, 5)))
+        .await;
+    assert!(
+        matches!(gap, ApplyResult::Refused(ApplyError::OutOfOrderSequence, _)),
+        "{gap:?}"
+    );
+    assert_eq!(
+        produced(
+            c.write(1, produce(3, batch("p1", 1, opts(0, 2)), opts(0, 2)))
+                .await
+        ),
+        (2, 2, false)
+    );
+    // Leadership moves; the retry is still recognised.
+    let old = c.leader(1).await;
+    let to = c.nodes.iter().map(|n| n.id).find(|id| *id != old).unwrap();
+    c.host(old).transfer_leader(1, to).await.unwrap();
+    c.host(to)
+        .wait_until(1, WAIT, "transfer", |m| m.ready)
+        .await
+        .unwrap();
+    let retry = c
+        .write(1, produce(3, batch("p1", 1, opts(0, 2)), opts(0, 2)))
+        .await;
+    assert_eq!(produced(retry), (2, 2, true));
+    // A new epoch fences the old one.
+    assert_eq!(
+        produced(
+            c.write(1, produce(3, batch("e1", 1, opts(1, 0)), opts(1, 0)))
+                .await
+        ),
+        (3, 3, false)
+    );
+    let fenced = c
+        .write(1, produce(3, batch("late", 1, opts(0, 3)), opts(0, 3)))
+        .await;
+    assert!(
+        matches!(fenced, ApplyResult::Refused(ApplyError::FencedProducer, _)),
+        "{fenced:?}"
+    );
+    // Consumer offsets: stored, compare-and-set, bounded by the high watermark.
+    let commit = |next: u64, expected: Option<u64>| pb::Command {
+        kind: Some(pb::command::Kind::CommitOffsets(pb::CommitOffsets {
+            consumer_group: "billing".into(),
+            partition_id: 3,
+            next_offset: next,
+            expected_previous: expected,
+        })),
+    };
+    assert_eq!(
+        c.write(1, commit(2, None)).await,
+        ApplyResult::OffsetCommitted
+    );
+    assert!(matches!(
+        c.write(1, commit(3, Some(1))).await,
+        ApplyResult::Refused(ApplyError::OffsetConflict, _)
+    ));
+    assert_eq!(
+        c.write(1, commit(4, Some(2))).await,
+        ApplyResult::OffsetCommitted
+    );
+    assert!(matches!(
+        c.write(1, commit(99, None)).await,
+        ApplyResult::Refused(ApplyError::OffsetOutOfRange, _)
+    ));
+    // Checkpoint, then restart every node: tables, offsets and the high watermark come back.
+    let leader = c.leader(1).await;
+    c.host(leader).checkpoint(1).await.unwrap();
+    c.host(leader)
+        .wait_until(1, WAIT, "checkpoint", |m| m.snapshot.is_some())
+        .await
+        .unwrap();
+    c.converge(1).await;
+    for id in [1, 2, 3] {
+        c.stop(id).await;
+    }
+    for id in [1, 2, 3] {
+        c.restart(id).await;
+    }
+    c.leader(1).await;
+    c.converge(1).await;
+    for h in c.running() {
+        let s = h.store(1).unwrap();
+        assert_eq!(
+            s.committed_offset("billing", 3),
+            Some(4),
+            "node {}",
+            h.node_id()
+        );
+        assert_eq!(s.offsets(3).unwrap().0, 4, "high watermark after restart");
+    }
+    let retry = c
+        .write(1, produce(3, batch("e1", 1, opts(1, 0)), opts(1, 0)))
+        .await;
+    assert_eq!(
+        produced(retry),
+        (3, 3, true),
+        "dedup table survives restart"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_mid_stream_loses_and_duplicates_nothing() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(5)).await;
+    let live = Arc::clone(&c.live);
+    // An idempotent producer writing without pause; it retries every failure with the same
+    // sequence number, so an unknown outcome can never turn into a duplicate.
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for seq in 0..150i32 {
+            let o = BatchOptions {
+                producer_id: 9,
+                producer_epoch: 0,
+                base_sequence: seq,
+                ..Default::default()
+            };
+            let (base, _, _) =
+                produced(write_via(&live, 1, produce(5, batch(&format!("m{seq}"), 1, o), o)).await);
+            acked.push((base, format!("m{seq}/0")));
+        }
+        acked
+    });
+    let leader = c.leader(1).await;
+    c.host(leader)
+        .wait_until(1, WAIT, "writes in flight", |m| {
+            m.applied.unwrap_or(0) >= 40
+        })
+        .await
+        .unwrap();
+    c.stop(leader).await;
+    let acked = writer.await.unwrap();
+    assert_eq!(acked.len(), 150);
+    assert_ne!(c.leader(1).await, leader, "a new leader took over");
+    c.restart(leader).await;
+    c.converge(1).await;
+    for h in c.running() {
+        assert_eq!(
+            values(&h, 1, 5),
+            acked,
+            "node {}: every acked write once, at its offset",
+            h.node_id()
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(6)).await;
+    for i in 0..20 {
+        c.write(
+            1,
+            produce(
+                6,
+                batch(&format!("t{i}"), 2, BatchOptions::default()),
+                BatchOptions::default(),
+            ),
+        )
+        .await;
+    }
+    let leader = c.leader(1).await;
+    let victim = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    c.converge(1).await;
+    c.stop(victim).await;
+    // A crash mid-append: half a record after the last whole one.
+    let wal_dir = c
+        .nodes
+        .iter()
+        .find(|n| n.id == victim)
+        .unwrap()
+        .dir
+        .join("groups/1/wal");
+    let mut wals: Vec<_> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    wals.sort();
+    let newest = wals.pop().unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&newest)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0x5a; 37]).unwrap();
+    drop(f);
+    for i in 20..40 {
+        c.write(
+            1,
+            produce(
+                6,
+                batch(&format!("t{i}"), 2, BatchOptions::default()),
+                BatchOptions::default(),
+            ),
+        )
+        .await;
+    }
+    c.restart(victim).await;
+    let rec = c.host(victim).wal_recovery(1).unwrap();
+    assert_eq!(rec.torn_bytes_cut, 37, "{rec:?}");
+    c.converge(1).await;
+    let digests: BTreeSet<_> = c
+        .running()
+        .iter()
+        .map(|h| h.store(1).unwrap().digest(6).unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1);
+    assert_eq!(values(&c.host(victim), 1, 6).len(), 80);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
+    let cfg = |id: u64, dir: &std::path::Path| {
+        let mut c = config(id, dir);
+        c.snapshot_every_entries = 40;
+        c.log_entries_kept = 0;
+        c
+    };
+    let c = Cluster::start_with(&[1], &cfg).await;
+    c.write(1, create(8)).await;
+    for i in 0..100 {
+        c.write(
+            1,
+            produce(
+                8,
+                batch(&format!("s{i}"), 3, BatchOptions::default()),
+                BatchOptions::default(),
+            ),
+        )
+        .await;
+    }
+    let leader = c.leader(1).await;
+    let lh = c.host(leader);
+    lh.checkpoint(1).await.unwrap();
+    lh.wait_until(1, WAIT, "log purged behind a checkpoint", |m| {
+        m.purged.is_some_and(|p| p > 50)
+    })
+    .await
+    .unwrap();
+    // Node `victim` loses its disk; it comes back as node 4 (ids are never reused).
+    let victim = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    c.stop(victim).await;
+    std::fs::remove_dir_all(&c.nodes.iter().find(|n| n.id == victim).unwrap().dir).unwrap();
+    let dir4 = c.tmp.path().join("n4");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr4 = l.local_addr().unwrap().to_string();
+    drop(l);
+    let h4 = start_host(4, &dir4, &addr4, &[1], &cfg).await;
+    c.live.lock().unwrap().insert(4, Arc::clone(&h4));
+    lh.add_learner(1, 4, &addr4).await.unwrap();
+    let m4 = h4
+        .wait_until(1, WAIT, "learner caught up", |m| {
+            m.applied >= lh.metrics(1).unwrap().applied
+        })
+        .await
+        .unwrap();
+    assert!(
+        m4.snapshot.is_some(),
+        "the learner must have installed a snapshot: {m4:?}"
+    );
+    let voters: BTreeSet<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != victim)
+        .chain([4])
+        .collect();
+    lh.change_voters(1, voters.clone()).await.unwrap();
+    h4.wait_until(1, WAIT, "voter", |m| m.voters == voters)
+        .await
+        .unwrap();
+    for i in 100..110 {
+        c.write(
+            1,
+            produce(
+                8,
+                batch(&format!("s{i}"), 3, BatchOptions::default()),
+                BatchOptions::default(),
+            ),
+        )
+        .await;
+    }
+    c.converge(1).await;
+    let digests: BTreeSet<_> = c
+        .running()
+        .iter()
+        .map(|h| h.store(1).unwrap().digest(8).unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    assert_eq!(values(&h4, 1, 8).len(), 330);
+    c.shutdown().await;
+}
