@@ -29,6 +29,9 @@ use crate::state_machine::{GroupStore, StateMachine};
 use crate::transport::{GroupEntry, Registry, TransportService};
 use crate::types::{ApplyResult, Cmd, NodeAddr};
 
+/// Longest a group may take at open to re-apply its committed log before serving.
+pub const RECOVERY_WAIT: Duration = Duration::from_secs(300);
+
 /// How a node runs its groups.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -259,6 +262,29 @@ impl RaftHost {
         )
         .await
         .map_err(|e| HostError::Raft(e.to_string()))?;
+        // Serve nothing until the state machine has re-applied everything this node knew to be
+        // committed before it stopped: a restart must never show an older high watermark.
+        if let Some(committed) = log.wal().read_committed().map(|p| p.index) {
+            let mut rx = raft.metrics();
+            let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+            loop {
+                let applied = rx.borrow_watched().last_applied.map(|l| l.index);
+                if applied >= Some(committed) {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        return Err(HostError::Timeout(
+                            RECOVERY_WAIT,
+                            format!(
+                                "group {group_id} to re-apply up to committed index {committed}"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         self.registry
             .insert(group_id, GroupEntry { raft, store, log });
         tracing::info!(node = self.cfg.node_id, group = group_id, "group started");

@@ -470,11 +470,23 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
         .await
         .unwrap();
     c.converge(1).await;
+    let hw_before: BTreeMap<u64, u64> = c
+        .running()
+        .iter()
+        .map(|h| (h.node_id(), h.store(1).unwrap().offsets(3).unwrap().0))
+        .collect();
     for id in [1, 2, 3] {
         c.stop(id).await;
     }
     for id in [1, 2, 3] {
         c.restart(id).await;
+        // Straight after open, before every peer is back: never an older high watermark.
+        let hw = c.host(id).store(1).unwrap().offsets(3).unwrap().0;
+        assert!(
+            hw >= hw_before[&id],
+            "node {id}: high watermark {hw} < {} before restart",
+            hw_before[&id]
+        );
     }
     c.leader(1).await;
     c.converge(1).await;
@@ -700,5 +712,63 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
         .collect();
     assert_eq!(digests.len(), 1, "{digests:?}");
     assert_eq!(values(&h4, 1, 8).len(), 330);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_group_and_malformed_requests_get_typed_errors() {
+    let c = Cluster::start(&[1]).await;
+    let addr = c.nodes[0].addr.clone();
+    let mut client =
+        pb::raft_transport_client::RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    let vote = pb::Vote {
+        leader_id: Some(pb::LeaderId {
+            term: 1,
+            node_id: 2,
+        }),
+        committed: false,
+    };
+    let req = pb::VoteRequest {
+        group_id: 99,
+        vote: Some(vote),
+        ..Default::default()
+    };
+    let err = client.vote(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("unknown raft group 99"),
+        "{}",
+        err.message()
+    );
+    // A vote without its leader id is refused as invalid, not a panic.
+    let err = client
+        .vote(pb::VoteRequest {
+            group_id: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let bad_entry = pb::AppendEntriesRequest {
+        group_id: 1,
+        vote: Some(pb::Vote {
+            leader_id: Some(pb::LeaderId {
+                term: 0,
+                node_id: 1,
+            }),
+            committed: true,
+        }),
+        entries: vec![pb::Entry {
+            log_id: None,
+            payload: None,
+        }],
+        ..Default::default()
+    };
+    let err = client.append_entries(bad_entry).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // The group is unharmed.
+    c.write(1, create(1)).await;
     c.shutdown().await;
 }
