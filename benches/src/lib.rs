@@ -8,8 +8,13 @@ pub const RECORD_BYTES: usize = 1024;
 
 /// A batch of `records` records with 1 KiB values and 8-byte keys, built the way a producer would.
 pub fn batch_of(records: usize, seed: u64) -> Bytes {
-    let mut b = BatchBuilder::with_capacity(BatchOptions::default(), records * (RECORD_BYTES + 32));
-    let mut value = vec![0u8; RECORD_BYTES];
+    batch_with(records, RECORD_BYTES, seed)
+}
+
+/// A batch of `records` records with `value_bytes`-byte values and 8-byte keys.
+pub fn batch_with(records: usize, value_bytes: usize, seed: u64) -> Bytes {
+    let mut b = BatchBuilder::with_capacity(BatchOptions::default(), records * (value_bytes + 32));
+    let mut value = vec![0u8; value_bytes];
     for i in 0..records {
         let k = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
         // Cheap non-constant content so nothing downstream can shortcut on zeros.
