@@ -190,6 +190,8 @@ pub struct GroupMetrics {
     pub learners: BTreeSet<u64>,
     /// This node leads and has applied an entry of its own term: it may serve reads.
     pub ready: bool,
+    /// High watermark of each partition of the group on this node.
+    pub high_watermarks: BTreeMap<u64, u64>,
 }
 
 /// A node's Raft groups and transport.
@@ -413,6 +415,12 @@ impl RaftHost {
             voters,
             learners,
             ready: m.state == ServerState::Leader && applied_term == Some(m.current_term),
+            high_watermarks: g
+                .store
+                .partitions()
+                .into_iter()
+                .filter_map(|p| g.store.offsets(p).map(|(hw, _)| (p, hw)))
+                .collect(),
         })
     }
 

@@ -483,6 +483,15 @@ impl GroupStore {
     fn checkpoint(&self) -> io::Result<(Checkpoint, SnapshotMetaOf<TypeConfig>)> {
         let ck_root = self.dir.join("checkpoints");
         let seq = self.checkpoint_seq.fetch_add(1, Ordering::Relaxed);
+        // Phase 0, without the lock: write back the bulk of the dirty data while apply goes on,
+        // so the flush under the lock below only has the last moments' bytes to sync.
+        let logs: Vec<Arc<PartitionLog>> = {
+            let st = self.state.lock().expect("state lock");
+            st.partitions.values().map(|p| Arc::clone(&p.log)).collect()
+        };
+        for log in &logs {
+            log.flush().map_err(other)?;
+        }
         // Phase 1, under the state lock so apply cannot interleave: flush and link.
         let (state, id, mut files) = {
             let st = self.state.lock().expect("state lock");

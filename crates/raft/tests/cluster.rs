@@ -316,6 +316,9 @@ async fn writes_replicate_to_identical_partitions_across_groups() {
             "replicas of partition {p} differ: {digests:?}"
         );
         assert_eq!(values(&c.host(1), g, p).len(), 180);
+        for h in c.running() {
+            assert_eq!(h.metrics(g).unwrap().high_watermarks.get(&p), Some(&180));
+        }
     }
     c.shutdown().await;
 }
