@@ -493,7 +493,7 @@ impl GroupStore {
             log.flush().map_err(other)?;
         }
         // Phase 1, under the state lock so apply cannot interleave: flush and link.
-        let (state, id, mut files) = {
+        let (st_enc, meta, id, files) = {
             let st = self.state.lock().expect("state lock");
             let idx = st.last_applied.map_or(0, |l| l.index);
             let id = format!(
@@ -538,12 +538,12 @@ impl GroupStore {
                 last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             };
-            ((meta_state, meta), id, std::mem::take(&mut files))
+            (meta_state, meta, id, files)
         };
         // Phase 2, without the lock: CRCs (cached for immutable files) and the manifest.
         let tmp = ck_root.join(format!("{id}.tmp"));
         let mut mfiles = Vec::with_capacity(files.len());
-        for (pid, name, len) in files.drain(..) {
+        for (pid, name, len) in files {
             let rel = format!("p{pid}/{name}");
             let key = (pid, name, len);
             let cached = self.crc_cache.lock().expect("crc lock").get(&key).copied();
@@ -564,7 +564,6 @@ impl GroupStore {
                 crc32c: crc,
             });
         }
-        let ((st_enc, meta), _) = (state, ());
         let manifest = Manifest {
             id: id.clone(),
             files: mfiles,

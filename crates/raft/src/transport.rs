@@ -278,6 +278,17 @@ async fn receive_files(
             tokio::fs::File::create(&path).await.map_err(fatal)?;
         }
     }
+    // Every directory that received files is fsynced before the checkpoint is renamed into place.
+    let mut dirs: Vec<PathBuf> = manifest
+        .files
+        .iter()
+        .filter_map(|f| dir.join(&f.path).parent().map(PathBuf::from))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in &dirs {
+        runnel_storage::fsutil::fsync_dir(d).map_err(fatal)?;
+    }
     manifest.write(&dir.join("MANIFEST")).map_err(fatal)?;
     Ok(())
 }
