@@ -239,6 +239,15 @@ fn produce(partition: u64, batch: Bytes, opts: BatchOptions) -> pb::Command {
     }
 }
 
+/// A non-idempotent produce of `n` records tagged `tag`.
+fn plain(partition: u64, tag: &str, n: usize) -> pb::Command {
+    produce(
+        partition,
+        batch(tag, n, BatchOptions::default()),
+        BatchOptions::default(),
+    )
+}
+
 fn produced(r: ApplyResult) -> (u64, u64, bool) {
     match r {
         ApplyResult::Produced {
@@ -281,17 +290,7 @@ async fn writes_replicate_to_identical_partitions_across_groups() {
     let mut next = BTreeMap::new();
     for i in 0..60 {
         for (g, p) in [(1u64, 10u64), (1, 11), (2, 20)] {
-            let (base, last, dup) = produced(
-                c.write(
-                    g,
-                    produce(
-                        p,
-                        batch(&format!("{p}-{i}"), 3, BatchOptions::default()),
-                        BatchOptions::default(),
-                    ),
-                )
-                .await,
-            );
+            let (base, last, dup) = produced(c.write(g, plain(p, &format!("{p}-{i}"), 3)).await);
             let want = next.entry(p).or_insert(0u64);
             assert_eq!(
                 (base, last, dup),
@@ -330,17 +329,7 @@ async fn acknowledged_writes_survive_leader_loss_and_restart_exactly_once() {
     let mut acked: Vec<(u64, String)> = Vec::new();
     for i in 0..30 {
         let tag = format!("a{i}");
-        let (base, _, _) = produced(
-            c.write(
-                1,
-                produce(
-                    7,
-                    batch(&tag, 1, BatchOptions::default()),
-                    BatchOptions::default(),
-                ),
-            )
-            .await,
-        );
+        let (base, _, _) = produced(c.write(1, plain(7, &tag, 1)).await);
         acked.push((base, format!("{tag}/0")));
     }
     let old = c.leader(1).await;
@@ -349,17 +338,7 @@ async fn acknowledged_writes_survive_leader_loss_and_restart_exactly_once() {
     assert_ne!(new, old);
     for i in 30..60 {
         let tag = format!("a{i}");
-        let (base, _, _) = produced(
-            c.write(
-                1,
-                produce(
-                    7,
-                    batch(&tag, 1, BatchOptions::default()),
-                    BatchOptions::default(),
-                ),
-            )
-            .await,
-        );
+        let (base, _, _) = produced(c.write(1, plain(7, &tag, 1)).await);
         acked.push((base, format!("{tag}/0")));
     }
     // The old leader comes back from its data directory and catches up from WAL and peers.
@@ -565,15 +544,7 @@ async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
     let c = Cluster::start(&[1]).await;
     c.write(1, create(6)).await;
     for i in 0..20 {
-        c.write(
-            1,
-            produce(
-                6,
-                batch(&format!("t{i}"), 2, BatchOptions::default()),
-                BatchOptions::default(),
-            ),
-        )
-        .await;
+        c.write(1, plain(6, &format!("t{i}"), 2)).await;
     }
     let leader = c.leader(1).await;
     let victim = c
@@ -606,15 +577,7 @@ async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
     std::io::Write::write_all(&mut f, &[0x5a; 37]).unwrap();
     drop(f);
     for i in 20..40 {
-        c.write(
-            1,
-            produce(
-                6,
-                batch(&format!("t{i}"), 2, BatchOptions::default()),
-                BatchOptions::default(),
-            ),
-        )
-        .await;
+        c.write(1, plain(6, &format!("t{i}"), 2)).await;
     }
     c.restart(victim).await;
     let rec = c.host(victim).wal_recovery(1).unwrap();
@@ -641,15 +604,7 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
     let c = Cluster::start_with(&[1], &cfg).await;
     c.write(1, create(8)).await;
     for i in 0..100 {
-        c.write(
-            1,
-            produce(
-                8,
-                batch(&format!("s{i}"), 3, BatchOptions::default()),
-                BatchOptions::default(),
-            ),
-        )
-        .await;
+        c.write(1, plain(8, &format!("s{i}"), 3)).await;
     }
     let leader = c.leader(1).await;
     let lh = c.host(leader);
@@ -697,15 +652,7 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
         .await
         .unwrap();
     for i in 100..110 {
-        c.write(
-            1,
-            produce(
-                8,
-                batch(&format!("s{i}"), 3, BatchOptions::default()),
-                BatchOptions::default(),
-            ),
-        )
-        .await;
+        c.write(1, plain(8, &format!("s{i}"), 3)).await;
     }
     c.converge(1).await;
     let digests: BTreeSet<_> = c
