@@ -29,6 +29,12 @@ struct Args {
     /// Bytes per record value.
     #[arg(long, default_value_t = 1024)]
     record_bytes: usize,
+    /// Segment size of each partition (a roll creates the next segment).
+    #[arg(long, default_value_t = 256 << 20)]
+    segment_bytes: u64,
+    /// Checkpoint after this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_every: u64,
     /// Raft heartbeat period.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
@@ -80,7 +86,7 @@ async fn main() {
         };
         let spec = pb::PartitionSpec {
             partition_id: *g,
-            segment_bytes: 256 << 20,
+            segment_bytes: args.segment_bytes,
             ..Default::default()
         };
         let create = pb::Command {

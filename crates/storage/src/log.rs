@@ -175,6 +175,8 @@ pub struct PartitionLog {
     poison: Poison,
     report: RecoveryReport,
     sync_hook: Option<SyncHook>,
+    /// The recovery point last written; it only ever moves forward.
+    recovery_point: Mutex<u64>,
 }
 
 impl std::fmt::Debug for PartitionLog {
@@ -283,6 +285,7 @@ impl PartitionLog {
             poison: Poison::default(),
             report,
             sync_hook: None,
+            recovery_point: Mutex::new(log_end),
         })
     }
 
@@ -434,7 +437,7 @@ impl PartitionLog {
         }
         old.write_index_files()?;
         if self.config.persist == PersistMode::Fsync {
-            write_recovery_point(&self.dir, base)?;
+            self.advance_recovery_point(base)?;
         }
         let (seg, writer) = segment::create(&self.dir, base, self.config.segment_bytes)?;
         let seg = Arc::new(seg);
@@ -482,14 +485,45 @@ impl PartitionLog {
     /// Makes every appended batch durable and records the recovery point; returns it.
     pub fn flush(&self) -> Result<u64> {
         self.poison.check()?;
-        let mut a = self.writer.lock().expect("writer lock");
-        for (path, f) in std::mem::take(&mut a.unsynced) {
-            self.sync_file(&path, &f)?;
+        // Decide what to sync under the writer lock, sync without it: appends go on while
+        // hundreds of MB are written back. A sync covers every byte written before it began.
+        let (end, sealed, active) = {
+            let mut a = self.writer.lock().expect("writer lock");
+            let active = a
+                .writer
+                .file()
+                .try_clone()
+                .ctx("dup", &a.seg.path(LOG_EXT))?;
+            let published = a.writer.shared().published();
+            (
+                self.log_end(),
+                std::mem::take(&mut a.unsynced),
+                (a.seg.path(LOG_EXT), active, published),
+            )
+        };
+        for (path, f) in &sealed {
+            self.sync_file(path, f)?;
         }
-        self.sync_active(&mut a)?;
-        let end = self.log_end();
-        write_recovery_point(&self.dir, end)?;
+        let (path, file, published) = active;
+        self.sync_file(&path, &file)?;
+        {
+            let mut a = self.writer.lock().expect("writer lock");
+            if a.seg.path(LOG_EXT) == path {
+                a.synced = a.synced.max(published);
+            }
+        }
+        self.advance_recovery_point(end)?;
         Ok(end)
+    }
+
+    /// Writes the recovery point if `offset` is beyond the one on disk (never backwards).
+    fn advance_recovery_point(&self, offset: u64) -> Result<()> {
+        let mut rp = self.recovery_point.lock().expect("recovery point lock");
+        if offset > *rp {
+            write_recovery_point(&self.dir, offset)?;
+            *rp = offset;
+        }
+        Ok(())
     }
 
     /// Reads whole batches from `offset`: at most `max_bytes` (but at least one batch if any is

@@ -133,6 +133,11 @@ impl MapWriter {
         &self.map
     }
 
+    /// The file this writer writes (for syncing it from another thread).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Bytes still free above the published length.
     pub fn remaining(&self) -> usize {
         self.map.capacity - self.map.published.load(Ordering::Relaxed)

@@ -709,3 +709,43 @@ fn index_with_a_valid_crc_pointing_past_eof_is_rebuilt() {
     let rebuilt = std::fs::read(&idx).unwrap();
     assert_ne!(rebuilt, b, "the bad index file was rewritten");
 }
+
+#[test]
+fn appends_proceed_while_a_flush_is_syncing() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let gate = Arc::new(std::sync::Mutex::new((entered_tx, release_rx)));
+    let g2 = Arc::clone(&gate);
+    let hook: runnel_storage::SyncHook = Arc::new(move |_: &Path| {
+        let g = g2.lock().unwrap();
+        g.0.send(()).unwrap();
+        g.1.recv().unwrap(); // hold the sync until the test releases it
+        Ok(())
+    });
+    let log = Arc::new(
+        PartitionLog::open_with_sync_hook(dir.path(), small(1 << 20), Recovery::Recorded, hook)
+            .unwrap(),
+    );
+    log.append(&batch(0, 1, 0, 10), 0).unwrap();
+    let l2 = Arc::clone(&log);
+    let flusher = std::thread::spawn(move || l2.flush().unwrap());
+    entered_rx.recv().unwrap(); // the flush is now inside its sync
+    // The append must not wait for the flush; a deadline only turns a hang into a failure.
+    let (done_tx, done_rx) = mpsc::channel();
+    let l3 = Arc::clone(&log);
+    std::thread::spawn(move || {
+        done_tx
+            .send(l3.append(&batch(1, 1, 0, 10), 0).map(|i| i.base_offset))
+            .unwrap()
+    });
+    let appended = done_rx.recv_timeout(std::time::Duration::from_secs(30));
+    release_tx.send(()).unwrap();
+    assert_eq!(appended.expect("append blocked behind a flush").unwrap(), 1);
+    assert_eq!(
+        flusher.join().unwrap(),
+        1,
+        "the flush covers what was appended before it began"
+    );
+}
