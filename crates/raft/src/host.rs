@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use runnel_proto::raft as pb;
 use runnel_proto::raft::raft_transport_server::RaftTransportServer;
@@ -338,7 +338,8 @@ impl RaftHost {
         }
         match g.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
-            Err(e) if e.to_string().contains("not allowed to initialize") => Ok(()),
+            // Another member initialized it first and its log already reached us.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(HostError::Raft(e.to_string())),
         }
     }
