@@ -212,6 +212,13 @@ impl PartitionLog {
             Recovery::Recorded => None,
         };
         if bases.is_empty() {
+            if truncate_to.is_none() && durable > 0 {
+                return Err(StorageError::Corruption {
+                    path: dir.join(RECOVERY_POINT_FILE),
+                    position: 0,
+                    reason: format!("no segment left, but offset {durable} was durable"),
+                });
+            }
             let (seg, writer) =
                 segment::create(&dir, truncate_to.unwrap_or(0), config.segment_bytes)?;
             bases.push(seg.base_offset);
@@ -249,6 +256,16 @@ impl PartitionLog {
                 }
             }
             let active = open_active(&dir, base, &config, durable, truncate_to, &mut report)?;
+            // Whatever the file looked like (even empty), the log must reach the durable point,
+            // and end exactly at a checkpoint's offset: anything else shifts every later offset.
+            let end = active.0.next_offset();
+            if end < durable || truncate_to.is_some_and(|t| end != t) {
+                return Err(StorageError::Corruption {
+                    path: segment_path(&dir, base, LOG_EXT),
+                    position: active.0.len() as u64,
+                    reason: format!("log ends at offset {end}, but offset {durable} was durable"),
+                });
+            }
             return Self::assemble(dir, config, sealed, active, report);
         }
     }

@@ -749,3 +749,32 @@ fn appends_proceed_while_a_flush_is_syncing() {
         "the flush covers what was appended before it began"
     );
 }
+
+#[test]
+fn truncate_to_past_an_empty_active_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small(4096);
+    let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+    for id in 0..30u64 {
+        log.append(&batch(id, 2, 0, 100), 0).unwrap();
+    }
+    log.close().unwrap();
+    // The newest segment lost every byte (an empty file), but the checkpoint says offset 60.
+    let newest = segment_files(dir.path()).pop().unwrap();
+    std::fs::write(&newest, b"").unwrap();
+    let err = PartitionLog::open(dir.path(), cfg, Recovery::TruncateTo(60)).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+}
+
+#[test]
+fn every_segment_gone_below_the_recovery_point_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), small(4096), Recovery::Recorded).unwrap();
+    log.append(&batch(0, 2, 0, 10), 0).unwrap();
+    log.close().unwrap();
+    for f in segment_files(dir.path()) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let err = PartitionLog::open(dir.path(), small(4096), Recovery::Recorded).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+}
