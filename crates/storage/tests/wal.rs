@@ -473,3 +473,23 @@ fn an_empty_log_starts_at_its_first_append() {
     assert_eq!(wal.read(5, 7, usize::MAX).unwrap().len(), 2);
     assert_eq!(wal_files(dir.path()).len(), 1);
 }
+
+#[test]
+fn missing_committed_entries_are_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    wal.append_durable(&(0..10).map(|i| entry(i, 1, 8)).collect::<Vec<_>>())
+        .unwrap();
+    wal.save_committed(LogPosition {
+        leader_node: 1,
+        index: 9,
+        term: 1,
+    })
+    .unwrap();
+    drop(wal);
+    for f in wal_files(dir.path()) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let err = Wal::open(dir.path(), cfg(1 << 20)).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+}

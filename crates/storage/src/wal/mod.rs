@@ -909,6 +909,21 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
     } else if report.files_purged > 0 {
         fsutil::fsync_dir(dir)?;
     }
+    // Every committed entry must still be here (or purged behind a snapshot).
+    let next = files.last().expect("file").next_index();
+    if let Some(c) = meta.committed
+        && c.index >= next
+        && meta.purged.is_none_or(|p| p.index < c.index)
+    {
+        return Err(StorageError::Corruption {
+            path: dir.to_path_buf(),
+            position: 0,
+            reason: format!(
+                "entries up to the committed index {} are missing (log ends before {next})",
+                c.index
+            ),
+        });
+    }
     report.files = files.len();
     let first_readable = meta.purged.map_or(files[0].first_index, |p| {
         files[0].first_index.max(p.index + 1)
