@@ -100,19 +100,21 @@ fn append(c: &mut Criterion) {
     g.finish();
 }
 
+/// A buffered log in `dir` holding at least `bytes` of 100-record batches.
+fn filled_log(dir: &std::path::Path, bytes: u64, seed: u64) -> PartitionLog {
+    let log =
+        PartitionLog::open(dir, log_config(PersistMode::Buffered), Recovery::Recorded).unwrap();
+    let batch = batch_of(100, seed);
+    while log.size_bytes() < bytes {
+        log.append(&batch, 0).unwrap();
+    }
+    log
+}
+
 /// Sequential reads of a 256 MiB log from the map (page cache), 1 MiB per read, CRC-checked.
 fn read(c: &mut Criterion) {
     let dir = scratch_dir();
-    let log = PartitionLog::open(
-        dir.path(),
-        log_config(PersistMode::Buffered),
-        Recovery::Recorded,
-    )
-    .unwrap();
-    let batch = batch_of(100, 2);
-    while log.size_bytes() < 256 << 20 {
-        log.append(&batch, 0).unwrap();
-    }
+    let log = filled_log(dir.path(), 256 << 20, 2);
     let end = log.log_end();
     let mut g = c.benchmark_group("read");
     g.sample_size(10).measurement_time(Duration::from_secs(5));
@@ -137,16 +139,7 @@ fn read(c: &mut Criterion) {
 fn recovery(c: &mut Criterion) {
     let dir = scratch_dir();
     {
-        let log = PartitionLog::open(
-            dir.path(),
-            log_config(PersistMode::Buffered),
-            Recovery::Recorded,
-        )
-        .unwrap();
-        let batch = batch_of(100, 3);
-        while log.size_bytes() < 250 << 20 {
-            log.append(&batch, 0).unwrap();
-        }
+        let log = filled_log(dir.path(), 250 << 20, 3);
         log.flush().unwrap();
     }
     let seg = dir.path().join("00000000000000000000.log");

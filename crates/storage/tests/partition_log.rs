@@ -63,13 +63,7 @@ fn read_all(log: &PartitionLog, from: u64) -> Vec<(u64, i64, Bytes)> {
 }
 
 fn active_segment(dir: &Path) -> PathBuf {
-    let mut logs: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    logs.sort();
-    logs.pop().unwrap()
+    segment_files(dir).pop().unwrap()
 }
 
 #[test]
