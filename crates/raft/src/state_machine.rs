@@ -125,6 +125,14 @@ impl GroupStore {
             checkpoint_seq: AtomicU64::new(0),
             crc_cache: Mutex::default(),
         };
+        // Nothing can be receiving or building a checkpoint yet: drop what a crash left of one.
+        for e in std::fs::read_dir(dir.join("checkpoints"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("incoming-") || name.ends_with(".tmp") {
+                std::fs::remove_dir_all(e.path())?;
+            }
+        }
         match store.current_checkpoint()? {
             Some(ck) => {
                 let state = store.restore(&ck)?;
@@ -845,5 +853,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
         };
         Ok(Some(Snapshot { meta, snapshot: ck }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_removes_checkpoints_a_crash_left_half_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        for name in ["incoming-7-3", "00000000000000000009-1-0.tmp"] {
+            std::fs::create_dir_all(ck.join(name).join("p1")).unwrap();
+            std::fs::write(ck.join(name).join("p1/x.log"), b"partial").unwrap();
+        }
+        let store = GroupStore::open(dir.path(), LogConfig::default()).unwrap();
+        assert!(store.partitions().is_empty());
+        let left: Vec<_> = std::fs::read_dir(&ck).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
