@@ -382,28 +382,23 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
         base_sequence: seq,
         ..Default::default()
     };
-    let first = c
-        .write(1, produce(3, batch("p0", 2, opts(0, 0)), opts(0, 0)))
-        .await;
+    // Producer 42's batch of `n` records tagged `tag`, with the given epoch and first sequence.
+    let idem = |tag: &str, n: usize, epoch: i16, seq: i32| {
+        produce(3, batch(tag, n, opts(epoch, seq)), opts(epoch, seq))
+    };
+    let first = c.write(1, idem("p0", 2, 0, 0)).await;
     assert_eq!(produced(first.clone()), (0, 1, false));
     // A retry of the same batch returns the original offsets, flagged as a duplicate.
-    let retry = c
-        .write(1, produce(3, batch("p0", 2, opts(0, 0)), opts(0, 0)))
-        .await;
+    let retry = c.write(1, idem("p0", 2, 0, 0)).await;
     assert_eq!(produced(retry), (0, 1, true));
     // A gap in the sequence is refused, and nothing is written.
-    let gap = c
-        .write(1, produce(3, batch("p2", 1, opts(0, 5)), opts(0, 5)))
-        .await;
+    let gap = c.write(1, idem("p2", 1, 0, 5)).await;
     assert!(
         matches!(gap, ApplyResult::Refused(ApplyError::OutOfOrderSequence, _)),
         "{gap:?}"
     );
     assert_eq!(
-        produced(
-            c.write(1, produce(3, batch("p1", 1, opts(0, 2)), opts(0, 2)))
-                .await
-        ),
+        produced(c.write(1, idem("p1", 1, 0, 2)).await),
         (2, 2, false)
     );
     // Leadership moves; the retry is still recognised.
@@ -414,21 +409,14 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
         .wait_until(1, WAIT, "transfer", |m| m.ready)
         .await
         .unwrap();
-    let retry = c
-        .write(1, produce(3, batch("p1", 1, opts(0, 2)), opts(0, 2)))
-        .await;
+    let retry = c.write(1, idem("p1", 1, 0, 2)).await;
     assert_eq!(produced(retry), (2, 2, true));
     // A new epoch fences the old one.
     assert_eq!(
-        produced(
-            c.write(1, produce(3, batch("e1", 1, opts(1, 0)), opts(1, 0)))
-                .await
-        ),
+        produced(c.write(1, idem("e1", 1, 1, 0)).await),
         (3, 3, false)
     );
-    let fenced = c
-        .write(1, produce(3, batch("late", 1, opts(0, 3)), opts(0, 3)))
-        .await;
+    let fenced = c.write(1, idem("late", 1, 0, 3)).await;
     assert!(
         matches!(fenced, ApplyResult::Refused(ApplyError::FencedProducer, _)),
         "{fenced:?}"
@@ -496,9 +484,7 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
         );
         assert_eq!(s.offsets(3).unwrap().0, 4, "high watermark after restart");
     }
-    let retry = c
-        .write(1, produce(3, batch("e1", 1, opts(1, 0)), opts(1, 0)))
-        .await;
+    let retry = c.write(1, idem("e1", 1, 1, 0)).await;
     assert_eq!(
         produced(retry),
         (3, 3, true),

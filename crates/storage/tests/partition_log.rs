@@ -594,22 +594,30 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     logs
 }
 
-#[test]
-fn buffered_log_torn_inside_an_unflushed_sealed_segment_is_cut_there() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = small(4096);
+/// Writes 80 small batches (several segments), flushed or not, then cuts the last 50 bytes of
+/// the second segment, as if their page never reached the disk. Returns the segment files.
+fn sealed_log_with_short_second_segment(dir: &Path, cfg: &LogConfig, flush: bool) -> Vec<PathBuf> {
     {
-        let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
+        let log = PartitionLog::open(dir, cfg.clone(), Recovery::Recorded).unwrap();
         for id in 0..80u64 {
             log.append(&batch(id, 2, 0, 100), 0).unwrap();
         }
         assert!(log.segment_count() >= 4);
-    } // never flushed: the recovery point is still 0
-    let segs = segment_files(dir.path());
-    // The second segment lost its last bytes (their page never reached the disk).
-    let victim = &segs[1];
-    let data = std::fs::read(victim).unwrap();
-    std::fs::write(victim, &data[..data.len() - 50]).unwrap();
+        if flush {
+            log.flush().unwrap();
+        } // unflushed: the recovery point is still 0
+    }
+    let segs = segment_files(dir);
+    let data = std::fs::read(&segs[1]).unwrap();
+    std::fs::write(&segs[1], &data[..data.len() - 50]).unwrap();
+    segs
+}
+
+#[test]
+fn buffered_log_torn_inside_an_unflushed_sealed_segment_is_cut_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small(4096);
+    let segs = sealed_log_with_short_second_segment(dir.path(), &cfg, false);
     let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
     let rep = log.recovery_report().clone();
     assert_eq!(rep.segments_discarded, segs.len() - 2, "{rep:?}");
@@ -629,17 +637,7 @@ fn buffered_log_torn_inside_an_unflushed_sealed_segment_is_cut_there() {
 fn flushed_sealed_segment_damage_is_corruption_not_a_cut() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small(4096);
-    {
-        let log = PartitionLog::open(dir.path(), cfg.clone(), Recovery::Recorded).unwrap();
-        for id in 0..40u64 {
-            log.append(&batch(id, 2, 0, 100), 0).unwrap();
-        }
-        log.flush().unwrap();
-    }
-    let segs = segment_files(dir.path());
-    let victim = &segs[1];
-    let data = std::fs::read(victim).unwrap();
-    std::fs::write(victim, &data[..data.len() - 50]).unwrap();
+    let segs = sealed_log_with_short_second_segment(dir.path(), &cfg, true);
     let err = PartitionLog::open(dir.path(), cfg, Recovery::Recorded).unwrap_err();
     assert!(err.is_corruption(), "{err}");
     assert_eq!(
