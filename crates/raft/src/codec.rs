@@ -103,6 +103,7 @@ pub(crate) fn membership_to(m: &Membership) -> pb::Membership {
                     *id,
                     pb::Node {
                         addr: n.addr.clone(),
+                        client_addr: n.client_addr.clone(),
                     },
                 )
             })
@@ -124,6 +125,7 @@ pub(crate) fn membership_from(m: &pb::Membership) -> Result<Membership, DecodeEr
                 *id,
                 NodeAddr {
                     addr: n.addr.clone(),
+                    client_addr: n.client_addr.clone(),
                 },
             )
         })
@@ -226,12 +228,14 @@ mod tests {
             1,
             NodeAddr {
                 addr: "127.0.0.1:1".into(),
+                client_addr: "127.0.0.1:11".into(),
             },
         );
         nodes.insert(
             2,
             NodeAddr {
                 addr: "127.0.0.1:2".into(),
+                client_addr: String::new(),
             },
         );
         let m = Membership::new(vec![[1, 2].into_iter().collect()], nodes).unwrap();

@@ -192,6 +192,8 @@ pub struct GroupMetrics {
     pub ready: bool,
     /// High watermark of each partition of the group on this node.
     pub high_watermarks: BTreeMap<u64, u64>,
+    /// On the leader: the last log index each replica is known to hold (None: not yet known).
+    pub replication: BTreeMap<u64, Option<u64>>,
 }
 
 /// A node's Raft groups and transport.
@@ -321,14 +323,33 @@ impl RaftHost {
         group_id: u64,
         members: &BTreeMap<u64, String>,
     ) -> Result<(), HostError> {
-        let g = self.group(group_id)?;
-        for (id, addr) in members {
-            self.router.set_peer(*id, addr);
-        }
-        let nodes: BTreeMap<u64, NodeAddr> = members
+        let nodes = members
             .iter()
-            .map(|(id, a)| (*id, NodeAddr { addr: a.clone() }))
+            .map(|(id, a)| {
+                (
+                    *id,
+                    NodeAddr {
+                        addr: a.clone(),
+                        client_addr: String::new(),
+                    },
+                )
+            })
             .collect();
+        self.initialize_group_with(group_id, &nodes).await
+    }
+
+    /// Initializes a new group with `members` (node id → peer and client addresses) as its
+    /// voters. Every member must be given the same set; on an initialized group it only
+    /// registers the peers' addresses.
+    pub async fn initialize_group_with(
+        &self,
+        group_id: u64,
+        members: &BTreeMap<u64, NodeAddr>,
+    ) -> Result<(), HostError> {
+        let g = self.group(group_id)?;
+        for (id, n) in members {
+            self.router.set_peer(*id, &n.addr);
+        }
         if g.raft
             .is_initialized()
             .await
@@ -336,12 +357,25 @@ impl RaftHost {
         {
             return Ok(());
         }
-        match g.raft.initialize(nodes).await {
+        match g.raft.initialize(members.clone()).await {
             Ok(()) => Ok(()),
             // Another member initialized it first and its log already reached us.
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(HostError::Raft(e.to_string())),
         }
+    }
+
+    /// Every node of the group's current membership (voters and learners) with its addresses.
+    pub fn members(&self, group_id: u64) -> Option<BTreeMap<u64, NodeAddr>> {
+        let g = self.registry.get(group_id)?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        Some(
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect(),
+        )
     }
 
     fn group(&self, group_id: u64) -> Result<GroupEntry, HostError> {
@@ -422,6 +456,15 @@ impl RaftHost {
                 .into_iter()
                 .filter_map(|p| g.store.offsets(p).map(|(hw, _)| (p, hw)))
                 .collect(),
+            replication: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -484,6 +527,7 @@ impl RaftHost {
                 node_id,
                 NodeAddr {
                     addr: addr.to_string(),
+                    client_addr: String::new(),
                 },
                 true,
             )

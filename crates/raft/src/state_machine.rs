@@ -235,6 +235,33 @@ impl GroupStore {
             .map(|l| (l.index, l.leader_id.term))
     }
 
+    /// The first offset at or after `timestamp_ms` with that record's timestamp; `None` when
+    /// no record is that new.
+    pub fn offset_for_timestamp(
+        &self,
+        partition: u64,
+        timestamp_ms: i64,
+    ) -> Result<Option<u64>, ReadError> {
+        Ok(self.log(partition)?.offset_for_timestamp(timestamp_ms)?)
+    }
+
+    /// Bytes the partition occupies on disk on this node.
+    pub fn size_bytes(&self, partition: u64) -> Option<u64> {
+        self.log(partition).ok().map(|l| l.size_bytes())
+    }
+
+    /// Deletes sealed segments past their partition's retention (time or size) on this replica;
+    /// returns how many segments went. Held under the state lock so a checkpoint never links a
+    /// file this is unlinking.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<usize, StorageError> {
+        let st = self.state.lock().expect("state lock");
+        let mut deleted = 0;
+        for p in st.partitions.values() {
+            deleted += p.log.apply_retention(now_ms)?.segments_deleted;
+        }
+        Ok(deleted)
+    }
+
     /// CRC-32C and length of every byte of a partition up to its high watermark, for comparing
     /// replicas.
     pub fn digest(&self, partition: u64) -> Result<(u64, u32), ReadError> {

@@ -39,11 +39,13 @@ impl fmt::Display for Cmd {
     }
 }
 
-/// Where peers reach a node.
+/// Where peers and clients reach a node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeAddr {
-    /// `host:port` of the node's internal gRPC listener.
+    /// `host:port` of the node's internal (peer) gRPC listener, as advertised.
     pub addr: String,
+    /// `host:port` of the node's client gRPC listener, as advertised; empty when unknown.
+    pub client_addr: String,
 }
 
 /// Why a command was refused; every replica refuses identically, so nothing is applied.

@@ -1,0 +1,514 @@
+//! `runneld`'s configuration: a TOML file (every key documented in docs/CONFIG.md, an example
+//! in deploy/runneld.toml), overridden by flags and environment variables in `main`, then
+//! checked as a whole by [`Config::validate`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's id (> 0, unique in the cluster, never reused).
+    pub node_id: u64,
+    /// Where this node keeps its data.
+    pub data_dir: PathBuf,
+    /// Addresses this node binds.
+    pub listen: Listen,
+    /// Addresses others use to reach this node; default: its entry in `cluster.nodes`.
+    pub advertise: Advertise,
+    /// The cluster: its members and how data is grouped.
+    pub cluster: Cluster,
+    /// Raft timing.
+    pub raft: RaftSettings,
+    /// Defaults for topics created without explicit settings.
+    pub topic_defaults: TopicDefaults,
+    /// Limits on what a request may ask for.
+    pub limits: Limits,
+    /// Background schedulers.
+    pub background: Background,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Bind addresses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// The client API (Broker, Admin, health, reflection).
+    pub client: String,
+    /// The peer (Raft transport) listener.
+    pub peer: String,
+}
+
+/// Advertised addresses (as Kafka's advertised listeners); empty: taken from `cluster.nodes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Advertise {
+    /// `host:port` clients use to reach this node.
+    pub client: String,
+    /// `host:port` peers use to reach this node.
+    pub peer: String,
+}
+
+/// One member of the static bootstrap list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    /// The member's node id.
+    pub id: u64,
+    /// Its advertised peer address.
+    pub peer: String,
+    /// Its advertised client address.
+    pub client: String,
+}
+
+/// Cluster membership and layout; identical on every node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Every member, this node included (static bootstrap).
+    pub nodes: Vec<NodeEntry>,
+    /// Number of data groups (Raft groups 1..=N) partitions are spread over.
+    pub data_groups: u32,
+}
+
+/// Raft timing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSettings {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Checkpoint a group after this many applied entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept behind a checkpoint for slightly lagging followers.
+    pub log_entries_kept: u64,
+}
+
+/// Topic defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicDefaults {
+    /// Partitions when a create request asks for 0.
+    pub partitions: u32,
+    /// Retention by age; -1: unlimited.
+    pub retention_ms: i64,
+    /// Retention by size per partition; -1: unlimited.
+    pub retention_bytes: i64,
+    /// Segment file size; also the largest batch a partition accepts.
+    pub segment_bytes: u64,
+}
+
+/// Named limits on everything a request can ask for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message accepted (RESOURCE_EXHAUSTED above it).
+    pub max_request_bytes: usize,
+    /// Largest produced batch, encoded (BATCH_TOO_LARGE above it).
+    pub max_batch_bytes: usize,
+    /// Most records in one produce request.
+    pub max_records_per_produce: usize,
+    /// Most bytes one fetch (or one subscribe message) returns (at least one batch regardless).
+    pub max_fetch_bytes: usize,
+    /// Longest long-poll wait of a fetch.
+    pub max_wait_ms: u64,
+    /// Most partitions in one topic.
+    pub max_partitions_per_topic: u32,
+    /// Most offsets in one commit / fetch-offsets request.
+    pub max_offsets_per_request: usize,
+    /// Longest consumer group name, in bytes.
+    pub max_group_name_bytes: usize,
+    /// Produce timeout when the request gives none.
+    pub produce_timeout_ms: u64,
+    /// Subscribe: messages buffered per stream before the server waits on the client.
+    pub subscribe_buffer: usize,
+}
+
+/// Background schedulers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Background {
+    /// How often retention runs on every local partition; 0: never.
+    pub retention_check_ms: u64,
+    /// How often every group is checkpointed (besides `raft.snapshot_every_entries`); 0: never.
+    pub checkpoint_interval_ms: u64,
+    /// How often a leader hands groups to their preferred leaders; 0: never.
+    pub leader_balance_ms: u64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter (`info`, `runnel=debug,openraft=warn`, …); RUST_LOG overrides it.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 0,
+            data_dir: PathBuf::from("./runnel-data"),
+            listen: Listen::default(),
+            advertise: Advertise::default(),
+            cluster: Cluster::default(),
+            raft: RaftSettings::default(),
+            topic_defaults: TopicDefaults::default(),
+            limits: Limits::default(),
+            background: Background::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            client: "127.0.0.1:9092".into(),
+            peer: "127.0.0.1:9093".into(),
+        }
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            nodes: Vec::new(),
+            data_groups: 3,
+        }
+    }
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every_entries: 20_000,
+            log_entries_kept: 1000,
+        }
+    }
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults {
+            partitions: 3,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 32 << 20,
+            max_batch_bytes: 16 << 20,
+            max_records_per_produce: 100_000,
+            max_fetch_bytes: 16 << 20,
+            max_wait_ms: 30_000,
+            max_partitions_per_topic: 1024,
+            max_offsets_per_request: 10_000,
+            max_group_name_bytes: 249,
+            produce_timeout_ms: 30_000,
+            subscribe_buffer: 4,
+        }
+    }
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Background {
+            retention_check_ms: 60_000,
+            checkpoint_interval_ms: 300_000,
+            leader_balance_ms: 5_000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Smallest segment size a topic may use.
+pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// Largest segment size a topic may use.
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+/// Most data groups.
+pub const DATA_GROUPS_MAX: u32 = 256;
+
+fn check_addr(problems: &mut Vec<String>, what: &str, v: &str, bind: bool) {
+    if bind {
+        if v.parse::<SocketAddr>().is_err() {
+            problems.push(format!("{what} = {v:?} is not an ip:port to bind"));
+        }
+    } else {
+        match v.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => problems.push(format!("{what} = {v:?} is not host:port")),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// This node's entry in `cluster.nodes`.
+    pub fn me(&self) -> Option<&NodeEntry> {
+        self.cluster.nodes.iter().find(|n| n.id == self.node_id)
+    }
+
+    /// The advertised client address of this node.
+    pub fn advertised_client(&self) -> String {
+        if self.advertise.client.is_empty() {
+            self.me().map(|n| n.client.clone()).unwrap_or_default()
+        } else {
+            self.advertise.client.clone()
+        }
+    }
+
+    /// Checks every setting and every relation between settings; returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        if self.node_id == 0 {
+            p.push("node_id must be > 0".to_string());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            p.push("data_dir is empty".into());
+        }
+        check_addr(&mut p, "listen.client", &self.listen.client, true);
+        check_addr(&mut p, "listen.peer", &self.listen.peer, true);
+        if self.listen.client == self.listen.peer {
+            p.push("listen.client and listen.peer must differ".into());
+        }
+        if self.cluster.nodes.is_empty() {
+            p.push("cluster.nodes is empty: list every member (this node included)".into());
+        }
+        let mut ids = BTreeSet::new();
+        for n in &self.cluster.nodes {
+            if n.id == 0 {
+                p.push("cluster.nodes: node id 0 is not allowed".into());
+            }
+            if !ids.insert(n.id) {
+                p.push(format!("cluster.nodes: node id {} appears twice", n.id));
+            }
+            check_addr(
+                &mut p,
+                &format!("cluster.nodes[{}].peer", n.id),
+                &n.peer,
+                false,
+            );
+            check_addr(
+                &mut p,
+                &format!("cluster.nodes[{}].client", n.id),
+                &n.client,
+                false,
+            );
+        }
+        if !self.cluster.nodes.is_empty() && self.node_id != 0 {
+            match self.me() {
+                None => p.push(format!(
+                    "node_id {} is not in cluster.nodes ({:?})",
+                    self.node_id, ids
+                )),
+                Some(me) => {
+                    if !self.advertise.peer.is_empty() && self.advertise.peer != me.peer {
+                        p.push(format!(
+                            "advertise.peer = {:?} but cluster.nodes[{}].peer = {:?}: peers would dial the wrong address",
+                            self.advertise.peer, me.id, me.peer
+                        ));
+                    }
+                    if !self.advertise.client.is_empty() && self.advertise.client != me.client {
+                        p.push(format!(
+                            "advertise.client = {:?} but cluster.nodes[{}].client = {:?}",
+                            self.advertise.client, me.id, me.client
+                        ));
+                    }
+                }
+            }
+        }
+        if !(1..=DATA_GROUPS_MAX).contains(&self.cluster.data_groups) {
+            p.push(format!(
+                "cluster.data_groups = {} must be in 1..={DATA_GROUPS_MAX}",
+                self.cluster.data_groups
+            ));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            p.push("raft.heartbeat_ms must be > 0".into());
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            p.push(format!(
+                "raft.election_timeout_min_ms ({}) must exceed raft.heartbeat_ms ({})",
+                r.election_timeout_min_ms, r.heartbeat_ms
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            p.push(format!(
+                "raft.election_timeout_max_ms ({}) must exceed raft.election_timeout_min_ms ({})",
+                r.election_timeout_max_ms, r.election_timeout_min_ms
+            ));
+        }
+        if r.snapshot_every_entries == 0 {
+            p.push("raft.snapshot_every_entries must be > 0".into());
+        }
+        let t = &self.topic_defaults;
+        if t.partitions == 0 || t.partitions > self.limits.max_partitions_per_topic {
+            p.push(format!(
+                "topic_defaults.partitions = {} must be in 1..=limits.max_partitions_per_topic ({})",
+                t.partitions, self.limits.max_partitions_per_topic
+            ));
+        }
+        if t.retention_ms == 0 || t.retention_ms < -1 {
+            p.push("topic_defaults.retention_ms must be > 0 or -1".into());
+        }
+        if t.retention_bytes == 0 || t.retention_bytes < -1 {
+            p.push("topic_defaults.retention_bytes must be > 0 or -1".into());
+        }
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&t.segment_bytes) {
+            p.push(format!(
+                "topic_defaults.segment_bytes = {} must be in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                t.segment_bytes
+            ));
+        }
+        let l = &self.limits;
+        if l.max_batch_bytes == 0 || l.max_batch_bytes > runnel_storage::batch::BATCH_BYTES_MAX {
+            p.push(format!(
+                "limits.max_batch_bytes must be in 1..={}",
+                runnel_storage::batch::BATCH_BYTES_MAX
+            ));
+        }
+        if l.max_request_bytes < l.max_batch_bytes + 4096 {
+            p.push(format!(
+                "limits.max_request_bytes ({}) must exceed limits.max_batch_bytes ({}) by at least 4096",
+                l.max_request_bytes, l.max_batch_bytes
+            ));
+        }
+        if l.max_request_bytes > runnel_raft::network::RPC_BYTES_MAX / 2 {
+            p.push(format!(
+                "limits.max_request_bytes must be at most {} (half the peer message limit)",
+                runnel_raft::network::RPC_BYTES_MAX / 2
+            ));
+        }
+        if l.max_batch_bytes as u64 > t.segment_bytes {
+            p.push(format!(
+                "limits.max_batch_bytes ({}) exceeds topic_defaults.segment_bytes ({}): such batches could never be stored",
+                l.max_batch_bytes, t.segment_bytes
+            ));
+        }
+        for (name, v) in [
+            ("limits.max_records_per_produce", l.max_records_per_produce),
+            ("limits.max_fetch_bytes", l.max_fetch_bytes),
+            ("limits.max_offsets_per_request", l.max_offsets_per_request),
+            ("limits.max_group_name_bytes", l.max_group_name_bytes),
+            ("limits.subscribe_buffer", l.subscribe_buffer),
+        ] {
+            if v == 0 {
+                p.push(format!("{name} must be > 0"));
+            }
+        }
+        if l.max_partitions_per_topic == 0 {
+            p.push("limits.max_partitions_per_topic must be > 0".into());
+        }
+        if l.produce_timeout_ms == 0 {
+            p.push("limits.produce_timeout_ms must be > 0".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            p.push(format!(
+                "log.format = {:?} must be \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> Config {
+        Config::from_toml(
+            r#"
+            node_id = 2
+            data_dir = "/tmp/x"
+            [listen]
+            client = "0.0.0.0:9092"
+            peer = "0.0.0.0:9093"
+            [cluster]
+            data_groups = 3
+            nodes = [
+              { id = 1, peer = "n1:9093", client = "n1:9092" },
+              { id = 2, peer = "n2:9093", client = "n2:9092" },
+              { id = 3, peer = "n3:9093", client = "n3:9092" },
+            ]
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn example_is_valid_and_advertises_from_nodes() {
+        let c = three();
+        c.validate().unwrap();
+        assert_eq!(c.advertised_client(), "n2:9092");
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses_and_validates() {
+        let text = include_str!("../../../deploy/runneld.toml");
+        Config::from_toml(text).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::from_toml("node_idd = 1").unwrap_err();
+        assert!(e.contains("node_idd"), "{e}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut c = three();
+        c.node_id = 9;
+        c.cluster.data_groups = 0;
+        c.raft.election_timeout_min_ms = 50;
+        c.listen.peer = "nope".into();
+        c.log.format = "xml".into();
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p.iter().any(|m| m.contains("node_id 9")));
+        assert!(p.iter().any(|m| m.contains("data_groups")));
+        assert!(p.iter().any(|m| m.contains("election_timeout_min_ms")));
+        assert!(p.iter().any(|m| m.contains("listen.peer")));
+        assert!(p.iter().any(|m| m.contains("log.format")));
+    }
+
+    #[test]
+    fn advertise_must_agree_with_the_bootstrap_list() {
+        let mut c = three();
+        c.advertise.peer = "elsewhere:1".into();
+        let p = c.validate().unwrap_err();
+        assert!(p[0].contains("advertise.peer"), "{p:?}");
+    }
+}

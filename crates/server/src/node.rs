@@ -1,0 +1,413 @@
+//! One running node: listeners, Raft groups, the metadata follower, the client API server and
+//! the background schedulers (partition reconciler, leader balancer, retention, checkpoints).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runnel_proto::api;
+use runnel_proto::raft as pb;
+use runnel_raft::{HostConfig, NodeAddr, RaftHost};
+use runnel_storage::LogConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
+use crate::service::{Api, Shared, now_ms};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    /// A listener could not be bound.
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Raft or storage failed at start.
+    #[error("{0}")]
+    Host(#[from] runnel_raft::HostError),
+    /// Other I/O at start.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The node meant to lead `group` when every voter is healthy: voters (sorted) taken
+/// round-robin by group id, so leaders spread evenly across nodes.
+pub fn preferred_leader(group: u64, voters: &[u64]) -> Option<u64> {
+    if voters.is_empty() {
+        return None;
+    }
+    let mut v = voters.to_vec();
+    v.sort_unstable();
+    Some(v[(group as usize) % v.len()])
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.shared.cfg.node_id)
+            .field("client_addr", &self.client_addr)
+            .field("peer_addr", &self.peer_addr)
+            .finish()
+    }
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+impl Node {
+    /// Validates `cfg`, binds both listeners, opens (or bootstraps) every group and starts
+    /// serving.
+    pub async fn start(cfg: Config) -> Result<Node, StartError> {
+        cfg.validate().map_err(StartError::Config)?;
+        let client_l = bind("listen.client", &cfg.listen.client).await?;
+        let peer_l = bind("listen.peer", &cfg.listen.peer).await?;
+        let client_addr = client_l.local_addr()?;
+        let mut hcfg = HostConfig::new(cfg.node_id, &cfg.data_dir);
+        hcfg.heartbeat_ms = cfg.raft.heartbeat_ms;
+        hcfg.election_timeout_ms = (
+            cfg.raft.election_timeout_min_ms,
+            cfg.raft.election_timeout_max_ms,
+        );
+        hcfg.snapshot_every_entries = cfg.raft.snapshot_every_entries;
+        hcfg.log_entries_kept = cfg.raft.log_entries_kept;
+        hcfg.partition_defaults = LogConfig {
+            segment_bytes: cfg.topic_defaults.segment_bytes,
+            ..LogConfig::default()
+        };
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let host = Arc::new(RaftHost::start(hcfg, peer_l).await?);
+        let peer_addr = host.local_addr();
+        let members: BTreeMap<u64, NodeAddr> = cfg
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.id,
+                    NodeAddr {
+                        addr: n.peer.clone(),
+                        client_addr: n.client.clone(),
+                    },
+                )
+            })
+            .collect();
+        for g in 0..=u64::from(cfg.cluster.data_groups) {
+            host.open_group(g).await?;
+            host.initialize_group_with(g, &members).await?;
+        }
+        let (meta_tx, meta_rx) = watch::channel(Arc::new(MetaImage::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(cfg.clone(), Arc::clone(&host), meta_rx));
+        let mut tasks = vec![tokio::spawn(metadata::follow(
+            Arc::clone(&host),
+            meta_tx,
+            stop_rx.clone(),
+        ))];
+        tasks.push(tokio::spawn(reconcile_loop(
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        )));
+        if cfg.background.leader_balance_ms > 0 {
+            tasks.push(tokio::spawn(balance_loop(
+                Arc::clone(&shared),
+                Duration::from_millis(cfg.background.leader_balance_ms),
+                stop_rx.clone(),
+            )));
+        }
+        if cfg.background.retention_check_ms > 0 {
+            tasks.push(tokio::spawn(retention_loop(
+                Arc::clone(&host),
+                Duration::from_millis(cfg.background.retention_check_ms),
+                stop_rx.clone(),
+            )));
+        }
+        if cfg.background.checkpoint_interval_ms > 0 {
+            tasks.push(tokio::spawn(checkpoint_loop(
+                Arc::clone(&host),
+                Duration::from_millis(cfg.background.checkpoint_interval_ms),
+                stop_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(serve(
+            Arc::clone(&shared),
+            client_l,
+            stop_rx.clone(),
+        )));
+        tracing::info!(
+            node = cfg.node_id,
+            client = %client_addr,
+            peer = %peer_addr,
+            advertised_client = %cfg.advertised_client(),
+            groups = cfg.cluster.data_groups + 1,
+            "runneld started"
+        );
+        Ok(Node {
+            shared,
+            client_addr,
+            peer_addr,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The bound client address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The bound peer address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.shared.cfg.node_id
+    }
+
+    /// The node's Raft groups.
+    pub fn host(&self) -> &Arc<RaftHost> {
+        &self.shared.host
+    }
+
+    /// Stops serving clients (in-flight calls finish), stops the schedulers, then every group
+    /// and the peer transport.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.shared.host.shutdown().await;
+        tracing::info!(node = self.shared.cfg.node_id, "runneld stopped");
+    }
+}
+
+async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let limits = shared.cfg.limits.clone();
+    let apis = Api::new(Arc::clone(&shared));
+    let broker = api::broker_server::BrokerServer::new(apis.clone())
+        .max_decoding_message_size(limits.max_request_bytes)
+        .max_encoding_message_size(limits.max_fetch_bytes.saturating_mul(2).max(64 << 20));
+    let admin = api::admin_server::AdminServer::new(apis)
+        .max_decoding_message_size(limits.max_request_bytes);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<api::broker_server::BrokerServer<Api>>()
+        .await;
+    health
+        .set_serving::<api::admin_server::AdminServer<Api>>()
+        .await;
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(runnel_proto::api::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "reflection disabled");
+            None
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let r = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_optional_service(reflection)
+        .add_service(broker)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "client API server stopped");
+    }
+}
+
+async fn tick(every: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(every) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
+/// On each group this node leads: create the partitions the metadata assigns to it and delete
+/// the ones of deleted topics. Group 0's leader creates the metadata partition itself.
+async fn reconcile_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let host = Arc::clone(&shared.host);
+    let mut meta = shared.meta.clone();
+    loop {
+        for g in host.groups() {
+            if !host.metrics(g).is_some_and(|m| m.ready) {
+                continue;
+            }
+            let Some(store) = host.store(g) else { continue };
+            let mut cmds = Vec::new();
+            if g == META_GROUP {
+                if store.offsets(META_PARTITION).is_none() {
+                    cmds.push(create(META_PARTITION, -1, -1, 4 << 20));
+                }
+            } else {
+                let img = Arc::clone(&meta.borrow());
+                let want = img.partitions_of_group(g);
+                let have = store.partitions();
+                for (pid, s) in &want {
+                    if !have.contains(pid) {
+                        cmds.push(create(
+                            *pid,
+                            s.retention_ms,
+                            s.retention_bytes,
+                            s.segment_bytes,
+                        ));
+                    }
+                }
+                for pid in have {
+                    // Ids below the counter were assigned once; absent now means deleted. An
+                    // id at or above it belongs to a topic this node has not replayed yet.
+                    if !want.contains_key(&pid) && pid < img.next_partition_id {
+                        cmds.push(pb::Command {
+                            kind: Some(pb::command::Kind::DeletePartition(pb::DeletePartition {
+                                partition_id: pid,
+                            })),
+                        });
+                    }
+                }
+            }
+            for c in cmds {
+                if let Err(e) = host.write(g, c).await {
+                    tracing::debug!(group = g, error = %e, "reconcile write");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = meta.changed() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn create(partition_id: u64, retention_ms: i64, retention_bytes: i64, segment: u64) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::CreatePartition(pb::CreatePartition {
+            spec: Some(pb::PartitionSpec {
+                partition_id,
+                segment_bytes: segment,
+                retention_ms,
+                retention_bytes,
+            }),
+        })),
+    }
+}
+
+/// Hands each group this node leads to its preferred leader once that node has caught up, so
+/// leadership spreads evenly again after failures.
+async fn balance_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let host = Arc::clone(&shared.host);
+    let me = host.node_id();
+    let mut last_try: HashMap<u64, Instant> = HashMap::new();
+    while tick(every, &mut stop).await {
+        for g in host.groups() {
+            let Some(m) = host.metrics(g) else { continue };
+            if m.leader != Some(me) || !m.ready {
+                continue;
+            }
+            let voters: Vec<u64> = m.voters.iter().copied().collect();
+            let Some(pref) = preferred_leader(g, &voters) else {
+                continue;
+            };
+            if pref == me {
+                continue;
+            }
+            let caught_up = matches!(
+                (m.replication.get(&pref), m.last_log),
+                (Some(Some(matched)), Some(last)) if *matched + 16 >= last
+            );
+            if !caught_up || last_try.get(&g).is_some_and(|t| t.elapsed() < every * 3) {
+                continue;
+            }
+            last_try.insert(g, Instant::now());
+            tracing::info!(
+                group = g,
+                to = pref,
+                "handing leadership to the preferred leader"
+            );
+            if let Err(e) = host.transfer_leader(g, pref).await {
+                tracing::debug!(group = g, error = %e, "leader transfer");
+            }
+        }
+    }
+}
+
+async fn retention_loop(host: Arc<RaftHost>, every: Duration, mut stop: watch::Receiver<bool>) {
+    while tick(every, &mut stop).await {
+        for g in host.groups() {
+            let Some(store) = host.store(g) else { continue };
+            let now = now_ms();
+            match tokio::task::spawn_blocking(move || store.apply_retention(now)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(group = g, segments = n, "retention deleted segments"),
+                Ok(Err(e)) => tracing::error!(group = g, error = %e, "retention"),
+                Err(e) => tracing::error!(group = g, error = %e, "retention task"),
+            }
+        }
+    }
+}
+
+async fn checkpoint_loop(host: Arc<RaftHost>, every: Duration, mut stop: watch::Receiver<bool>) {
+    while tick(every, &mut stop).await {
+        for g in host.groups() {
+            let Some(m) = host.metrics(g) else { continue };
+            if m.applied > m.snapshot
+                && let Err(e) = host.checkpoint(g).await
+            {
+                tracing::warn!(group = g, error = %e, "scheduled checkpoint");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_leaders_spread_evenly() {
+        let voters = [3, 1, 2];
+        let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+        for g in 0..9 {
+            *count
+                .entry(preferred_leader(g, &voters).unwrap())
+                .or_default() += 1;
+        }
+        assert_eq!(count.values().copied().collect::<Vec<_>>(), vec![3, 3, 3]);
+        assert_eq!(preferred_leader(0, &[]), None);
+    }
+}
