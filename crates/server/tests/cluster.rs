@@ -1,0 +1,401 @@
+//! Three real `runneld` processes: produce 100 000 records, consume them in order, commit and
+//! resume, replay from an offset and a timestamp; SIGKILL a leader under an idempotent
+//! producer; SIGTERM shuts down cleanly.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::{Cluster, wait_for};
+use runnel_client::{
+    Client, ConsumerConfig, Delivery, ProducerConfig, ProducerRecord, StartFrom, TopicSpec, api,
+};
+
+const TOPIC_SEGMENT: u64 = 8 << 20;
+
+async fn produce_all(
+    client: &Client,
+    topic: &str,
+    n: usize,
+    ts_base: i64,
+) -> Vec<(String, Delivery)> {
+    let producer = client.producer(ProducerConfig::default());
+    let mut futs = Vec::with_capacity(n);
+    for i in 0..n {
+        let v = format!("v{i:06}");
+        let rec = ProducerRecord::new(v.clone())
+            .key(format!("k{i}"))
+            .timestamp(ts_base + i as i64);
+        futs.push((v, producer.send(topic, rec).await.unwrap()));
+    }
+    let mut out = Vec::with_capacity(n);
+    for (v, f) in futs {
+        out.push((v, f.await.expect("acknowledged")));
+    }
+    producer.close().await;
+    out
+}
+
+/// Reads a partition from `from` to its high watermark with the consumer API.
+async fn read_partition(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    from: StartFrom,
+    upto: i64,
+) -> Vec<runnel_client::ConsumerRecord> {
+    let mut c = client.consumer(ConsumerConfig::default());
+    c.assign(topic, Some(vec![partition]), from).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while c.position(topic, partition).unwrap() < upto {
+        out.extend(c.poll().await.unwrap());
+        assert!(tokio::time::Instant::now() < deadline, "read stalled");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn produce_consume_commit_resume_and_replay() {
+    let cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    let admin = client.admin();
+    let t = admin
+        .create_topic(
+            "events",
+            TopicSpec {
+                partitions: 4,
+                segment_bytes: TOPIC_SEGMENT,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.partitions.len(), 4);
+    assert!(
+        t.partitions.iter().all(|p| p.replicas == vec![1, 2, 3]),
+        "{t:?}"
+    );
+    // A second create of the same name is refused in-band.
+    let e = admin
+        .create_topic("events", TopicSpec::partitions(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(api::ErrorCode::TopicAlreadyExists));
+
+    const N: usize = 100_000;
+    let ts_base = 1_700_000_000_000i64;
+    let acked = produce_all(&client, "events", N, ts_base).await;
+    // Per partition: offsets 0..n, each exactly once.
+    let mut by_part: BTreeMap<u32, BTreeMap<i64, (String, i64)>> = BTreeMap::new();
+    for (i, (v, d)) in acked.iter().enumerate() {
+        let prev = by_part
+            .entry(d.partition)
+            .or_default()
+            .insert(d.offset, (v.clone(), ts_base + i as i64));
+        assert!(prev.is_none(), "offset {} acknowledged twice", d.offset);
+    }
+    assert!(by_part.len() > 1, "keys spread over partitions");
+    for (p, offs) in &by_part {
+        let keys: Vec<i64> = offs.keys().copied().collect();
+        assert_eq!(
+            keys,
+            (0..offs.len() as i64).collect::<Vec<_>>(),
+            "partition {p}"
+        );
+    }
+
+    // Consume everything, in order per partition, with a consumer group.
+    let mut consumer = client.consumer(ConsumerConfig::group("auditors"));
+    consumer
+        .assign("events", None, StartFrom::Committed)
+        .await
+        .unwrap();
+    let mut seen: BTreeMap<u32, Vec<(i64, String)>> = BTreeMap::new();
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while total < N / 2 {
+        for r in consumer.poll().await.unwrap() {
+            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            seen.entry(r.partition).or_default().push((r.offset, v));
+            total += 1;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consume stalled");
+    }
+    // Commit the position, drop the consumer, and resume from the commit in a new one.
+    consumer.commit().await.unwrap();
+    let positions = consumer.positions().clone();
+    drop(consumer);
+    let mut resumed = client.consumer(ConsumerConfig::group("auditors"));
+    resumed
+        .assign("events", None, StartFrom::Committed)
+        .await
+        .unwrap();
+    assert_eq!(resumed.positions(), &positions, "resume at the commit");
+    while total < N {
+        for r in resumed.poll().await.unwrap() {
+            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            seen.entry(r.partition).or_default().push((r.offset, v));
+            total += 1;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consume stalled");
+    }
+    assert_eq!(total, N, "no record seen twice");
+    for (p, recs) in &seen {
+        let want = &by_part[p];
+        assert_eq!(recs.len(), want.len(), "partition {p}");
+        for (i, (o, v)) in recs.iter().enumerate() {
+            assert_eq!(*o, i as i64, "partition {p} in order, no gaps");
+            assert_eq!(v, &want[o].0, "partition {p} offset {o}");
+        }
+    }
+
+    // Replay partition 0 from an offset.
+    let p0 = &by_part[&0];
+    let hw0 = p0.len() as i64;
+    let from = hw0 / 2;
+    let replay = read_partition(&client, "events", 0, StartFrom::Offset(from), hw0).await;
+    assert_eq!(replay.len() as i64, hw0 - from);
+    assert_eq!(replay[0].offset, from);
+    assert_eq!(
+        String::from_utf8_lossy(replay[0].value.as_deref().unwrap()),
+        p0[&from].0
+    );
+
+    // Replay from a timestamp: the first offset whose timestamp is >= the target.
+    for (p, offs) in &by_part {
+        let target = ts_base + (N as i64) / 3;
+        let want = offs
+            .iter()
+            .find(|(_, (_, ts))| *ts >= target)
+            .map(|(o, _)| *o)
+            .unwrap();
+        let hw = offs.len() as i64;
+        let r = read_partition(&client, "events", *p, StartFrom::Timestamp(target), hw).await;
+        assert_eq!(r[0].offset, want, "partition {p}");
+        assert!(r[0].timestamp_ms >= target);
+    }
+
+    // Every node serves the same records from its own replica.
+    for n in &cluster.nodes {
+        let one = Client::connect([n.client.clone()]).await.unwrap();
+        let mut c = one.consumer(ConsumerConfig {
+            allow_follower: true,
+            ..Default::default()
+        });
+        c.assign("events", Some(vec![1]), StartFrom::Offset(0))
+            .await
+            .unwrap();
+        let want = &by_part[&1];
+        let mut got = 0usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while got < want.len() {
+            for r in c.poll().await.unwrap() {
+                assert_eq!(
+                    String::from_utf8_lossy(r.value.as_deref().unwrap()),
+                    want[&r.offset].0
+                );
+                got += 1;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} stalled",
+                n.id
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_leader_loses_and_duplicates_nothing() {
+    let mut cluster = Cluster::start(2);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            "payments",
+            TopicSpec {
+                partitions: 2,
+                segment_bytes: TOPIC_SEGMENT,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let meta = client.metadata(&["payments".into()]).await.unwrap();
+    let p0 = &meta.topics[0].partitions[0];
+    let victim = p0.leader_id;
+    assert_ne!(victim, 0);
+
+    // An idempotent producer writes unique values to partition 0 in the background.
+    let producer = std::sync::Arc::new(client.producer(ProducerConfig {
+        linger: Duration::from_millis(2),
+        batch_max_records: 50,
+        ..Default::default()
+    }));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = {
+        let producer = std::sync::Arc::clone(&producer);
+        tokio::spawn(async move {
+            let mut futs = Vec::new();
+            let mut i = 0u64;
+            while !*stop_rx.borrow() {
+                let v = format!("pay-{i}");
+                let f = producer
+                    .send("payments", ProducerRecord::new(v.clone()).partition(0))
+                    .await
+                    .unwrap();
+                futs.push((v, f));
+                i += 1;
+                if i % 200 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let mut acked = Vec::new();
+            for (v, f) in futs {
+                acked.push((v, f.await));
+            }
+            acked
+        })
+    };
+    // Let some writes land, then SIGKILL the leader.
+    let c2 = client.clone();
+    wait_for(Duration::from_secs(30), "first writes", || {
+        let c2 = c2.clone();
+        async move {
+            let d = c2.admin().describe_topic("payments").await.ok()?;
+            (d.partitions[0].high_watermark > 500).then_some(())
+        }
+    })
+    .await;
+    cluster.kill(victim);
+    // Writes continue on a new leader.
+    let survivor = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != victim)
+        .unwrap()
+        .client
+        .clone();
+    let before = {
+        let one = Client::connect([survivor.clone()]).await.unwrap();
+        let d = one.admin().describe_topic("payments").await.unwrap();
+        d.partitions[0].high_watermark
+    };
+    let one = Client::connect([survivor.clone()]).await.unwrap();
+    wait_for(Duration::from_secs(30), "writes after the kill", || {
+        let one = one.clone();
+        async move {
+            let d = one.admin().describe_topic("payments").await.ok()?;
+            (d.partitions[0].high_watermark > before + 500).then_some(())
+        }
+    })
+    .await;
+    cluster.restart(victim);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    let acked = writer.await.unwrap();
+    let ok: Vec<(String, Delivery)> = acked
+        .iter()
+        .filter_map(|(v, r)| r.as_ref().ok().map(|d| (v.clone(), *d)))
+        .collect();
+    assert_eq!(ok.len(), acked.len(), "no send failed for good");
+
+    // Read the partition back from the leader.
+    let hw = wait_for(Duration::from_secs(30), "leader high watermark", || {
+        let client = client.clone();
+        async move {
+            let c = client.consumer(ConsumerConfig::default());
+            c.list_offset("payments", 0, -1).await.ok()
+        }
+    })
+    .await;
+    let recs = read_partition(&client, "payments", 0, StartFrom::Earliest, hw).await;
+    let offsets: Vec<i64> = recs.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (0..hw).collect::<Vec<_>>(), "contiguous offsets");
+    let values: Vec<String> = recs
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
+    let unique: HashSet<&String> = values.iter().collect();
+    assert_eq!(unique.len(), values.len(), "no duplicates");
+    for (v, d) in &ok {
+        assert_eq!(
+            &values[d.offset as usize], v,
+            "acknowledged record at its acknowledged offset"
+        );
+    }
+    assert_eq!(values.len(), ok.len(), "nothing that was not acknowledged");
+
+    // The restarted node catches up: its own replica reaches the same high watermark.
+    let victim_addr = cluster.nodes[victim as usize - 1].client.clone();
+    wait_for(Duration::from_secs(60), "restarted node catches up", || {
+        let a = victim_addr.clone();
+        async move {
+            let one = Client::connect([a]).await.ok()?;
+            let d = one.admin().describe_topic("payments").await.ok()?;
+            (d.partitions[0].high_watermark == hw).then_some(())
+        }
+    })
+    .await;
+    let one = Client::connect([victim_addr]).await.unwrap();
+    let mut c = one.consumer(ConsumerConfig {
+        allow_follower: true,
+        ..Default::default()
+    });
+    c.assign("payments", Some(vec![0]), StartFrom::Offset(0))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < hw as usize {
+        got.extend(c.poll().await.unwrap());
+    }
+    let replica: Vec<String> = got
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        replica, values,
+        "the restarted replica holds the same records"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
+    let mut cluster = Cluster::start(1);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            "t",
+            TopicSpec {
+                partitions: 1,
+                segment_bytes: TOPIC_SEGMENT,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let acked = produce_all(&client, "t", 100, 1).await;
+    let status = cluster.terminate(2);
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        cluster.logs()
+    );
+    let log = std::fs::read_to_string(&cluster.nodes[1].log).unwrap();
+    assert!(log.contains("runneld stopped"), "{log}");
+    cluster.restart(2);
+    let addr = cluster.nodes[1].client.clone();
+    let want = acked.len() as i64;
+    wait_for(Duration::from_secs(60), "node 2 back with the data", || {
+        let a = addr.clone();
+        async move {
+            let one = Client::connect([a]).await.ok()?;
+            let d = one.admin().describe_topic("t").await.ok()?;
+            (d.partitions[0].high_watermark == want).then_some(())
+        }
+    })
+    .await;
+}

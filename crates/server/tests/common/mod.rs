@@ -1,0 +1,223 @@
+//! A three-node cluster of real `runneld` processes on 127.0.0.1 with ephemeral ports, data
+//! under a temp dir; every process is killed when the cluster is dropped.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use runnel_client::{Client, api};
+
+/// One node process.
+pub struct Proc {
+    pub id: u64,
+    pub client: String,
+    pub peer: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Three `runneld` processes.
+pub struct Cluster {
+    pub nodes: Vec<Proc>,
+    nodes_arg: String,
+    data_groups: u32,
+    pub dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Starts three nodes with `data_groups` data groups.
+    pub fn start(data_groups: u32) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            nodes.push(Proc {
+                id,
+                client: format!("127.0.0.1:{}", free_port()),
+                peer: format!("127.0.0.1:{}", free_port()),
+                data: dir.path().join(format!("node-{id}")),
+                log: dir.path().join(format!("node-{id}.log")),
+                child: None,
+            });
+        }
+        // Settings no flag covers come from a config file; flags override it per node.
+        let config = dir.path().join("runneld.toml");
+        std::fs::write(
+            &config,
+            "[background]\nretention_check_ms = 300\nleader_balance_ms = 2000\n",
+        )
+        .unwrap();
+        let nodes_arg = nodes
+            .iter()
+            .map(|n| format!("{}={}/{}", n.id, n.peer, n.client))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            nodes,
+            nodes_arg,
+            data_groups,
+            dir,
+        };
+        for id in 1..=3 {
+            c.spawn(id);
+        }
+        c
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let (nodes_arg, groups) = (self.nodes_arg.clone(), self.data_groups);
+        let n = &mut self.nodes[id as usize - 1];
+        assert!(n.child.is_none(), "node {id} already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_runneld"))
+            .arg("--config")
+            .arg(self.dir.path().join("runneld.toml"))
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&n.data)
+            .arg("--listen-client")
+            .arg(&n.client)
+            .arg("--listen-peer")
+            .arg(&n.peer)
+            .arg("--nodes")
+            .arg(&nodes_arg)
+            .arg("--data-groups")
+            .arg(groups.to_string())
+            .env("RUST_LOG", "info,openraft=error")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn runneld");
+        n.child = Some(child);
+    }
+
+    /// Every client address.
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    /// A client, once some node answers (bounded wait).
+    pub async fn client(&self) -> Client {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(self.bootstrap()).await {
+                Ok(c) => return c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("no node answered within 30 s: {e}\n{}", self.logs()),
+            }
+        }
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.nodes[id as usize - 1].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs node `id` and waits for it to exit (bounded); returns its exit status.
+    pub fn terminate(&mut self, id: u64) -> std::process::ExitStatus {
+        let mut c = self.nodes[id as usize - 1].child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {id} ignored SIGTERM for 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts node `id` again on its data.
+    pub fn restart(&mut self, id: u64) {
+        self.spawn(id);
+    }
+
+    /// Whether node `id`'s process is still running.
+    pub fn alive(&mut self, id: u64) -> bool {
+        match self.nodes[id as usize - 1].child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// The tail of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            s += &format!("--- node {} log (last 30 lines) ---\n", n.id);
+            for l in tail.into_iter().rev() {
+                s += l;
+                s += "\n";
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A raw Broker client for one node.
+pub async fn broker(addr: &str) -> api::broker_client::BrokerClient<tonic::transport::Channel> {
+    api::broker_client::BrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(128 << 20)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
