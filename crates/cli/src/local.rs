@@ -19,9 +19,9 @@ pub struct LocalArgs {
     /// Number of data groups.
     #[arg(long, default_value_t = 3)]
     data_groups: u32,
-    /// Node log level (`info`, `debug`, …).
+    /// Node log level (`info`, `debug`, …); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
-    log_level: String,
+    pub log_level: String,
 }
 
 /// The configuration of node `id` (1..=3) of the local cluster.

@@ -240,10 +240,16 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The local cluster logs its nodes at --log-level (peers unreachable during start-up are
+    // normal there, so openraft is quiet); other commands only warn.
+    let default_filter = match &cli.cmd {
+        Cmd::Local(a) => format!("{},openraft=error", a.log_level),
+        _ => "warn".to_string(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -277,6 +277,13 @@ impl Shared {
         let cmd = produce_command(META_PARTITION, batch, -1, -1, -1);
         let base = match self.write(META_GROUP, cmd, ADMIN_WAIT).await? {
             ApplyResult::Produced { base_offset, .. } => base_offset,
+            // The metadata log is created by group 0's first leader right after bootstrap.
+            ApplyResult::Refused(ApplyError::UnknownPartition, _) => {
+                return Err(error(
+                    ErrorCode::LeaderNotAvailable,
+                    "the cluster's metadata log is being created: retry",
+                ));
+            }
             other => {
                 return Err(error(
                     ErrorCode::UnknownServerError,
