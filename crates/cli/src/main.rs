@@ -117,6 +117,9 @@ struct ProduceArgs {
     /// Disable idempotence.
     #[arg(long)]
     no_idempotence: bool,
+    /// Fail when the topic does not exist instead of creating it with the cluster's defaults.
+    #[arg(long)]
+    no_create: bool,
     /// Print each record's partition and offset.
     #[arg(long)]
     verbose: bool,
@@ -361,6 +364,26 @@ async fn topic(c: &Client, cmd: &TopicCmd) -> anyhow::Result<()> {
 }
 
 async fn produce(c: &Client, a: &ProduceArgs) -> anyhow::Result<()> {
+    if !a.no_create {
+        let exists = c
+            .metadata(std::slice::from_ref(&a.topic))
+            .await?
+            .topics
+            .iter()
+            .any(|t| t.name == a.topic && t.error.is_none());
+        if !exists {
+            let t = c.admin().create_topic(&a.topic, TopicSpec::default()).await;
+            match t {
+                Ok(t) => eprintln!(
+                    "created topic {} with {} partitions",
+                    t.name,
+                    t.partitions.len()
+                ),
+                Err(e) if e.code() == Some(runnel_client::ErrorCode::TopicAlreadyExists) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let producer = c.producer(ProducerConfig {
         idempotent: !a.no_idempotence,
         ..Default::default()
