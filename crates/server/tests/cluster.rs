@@ -223,10 +223,6 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
         )
         .await
         .unwrap();
-    let meta = client.metadata(&["payments".into()]).await.unwrap();
-    let p0 = &meta.topics[0].partitions[0];
-    let victim = p0.leader_id;
-    assert_ne!(victim, 0);
 
     // An idempotent producer writes unique values to partition 0 in the background.
     let producer = std::sync::Arc::new(client.producer(ProducerConfig {
@@ -269,6 +265,10 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
         }
     })
     .await;
+    // SIGKILL whichever node leads partition 0 now.
+    let meta = client.metadata(&["payments".into()]).await.unwrap();
+    let victim = meta.topics[0].partitions[0].leader_id;
+    assert_ne!(victim, 0);
     cluster.kill(victim);
     // Writes continue on a new leader.
     let survivor = cluster
@@ -398,4 +398,59 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_streams_existing_then_new_records_in_order() {
+    let cluster = Cluster::start(1);
+    let client = cluster.client().await;
+    client
+        .admin()
+        .create_topic(
+            "stream",
+            TopicSpec {
+                partitions: 1,
+                segment_bytes: TOPIC_SEGMENT,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    produce_all(&client, "stream", 50, 1).await;
+    let leader = client.metadata(&["stream".into()]).await.unwrap().topics[0].partitions[0]
+        .leader_address
+        .clone();
+    let mut b = common::broker(&leader).await;
+    let mut stream = b
+        .subscribe(api::SubscribeRequest {
+            topic: "stream".into(),
+            partition: 0,
+            offset: 10,
+            max_bytes: 1024,
+            raw: false,
+            allow_follower: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = 10i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The 40 existing records, then 50 produced while subscribed.
+    let mut produced_more = false;
+    while next < 100 {
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("stream stalled")
+            .unwrap()
+            .expect("stream ended");
+        assert!(msg.error.is_none(), "{:?}", msg.error);
+        for r in msg.records {
+            assert_eq!(r.offset, next, "in order, no gaps, no repeats");
+            next += 1;
+        }
+        if next == 50 && !produced_more {
+            produced_more = true;
+            produce_all(&client, "stream", 50, 2).await;
+        }
+    }
 }
