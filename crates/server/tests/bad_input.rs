@@ -25,6 +25,13 @@ fn batch(n: usize, value_len: usize, opts: BatchOptions) -> Bytes {
     b.build()
 }
 
+async fn produce(
+    b: &mut api::broker_client::BrokerClient<tonic::transport::Channel>,
+    req: api::ProduceRequest,
+) -> api::ProduceResponse {
+    b.produce(req).await.unwrap().into_inner()
+}
+
 fn produce_raw(topic: &str, partition: u32, batch: Bytes) -> api::ProduceRequest {
     api::ProduceRequest {
         topic: topic.into(),
@@ -110,17 +117,17 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
         assert_eq!(code(&r.error), ErrorCode::InvalidTopic, "produce {name:?}");
     }
     // Unknown topic, unknown partition.
-    let r = b
-        .produce(produce_raw("nope", 0, batch(1, 1, BatchOptions::default())))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(
+        &mut b,
+        produce_raw("nope", 0, batch(1, 1, BatchOptions::default())),
+    )
+    .await;
     assert_eq!(code(&r.error), ErrorCode::UnknownTopicOrPartition);
-    let r = b
-        .produce(produce_raw("good", 7, batch(1, 1, BatchOptions::default())))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(
+        &mut b,
+        produce_raw("good", 7, batch(1, 1, BatchOptions::default())),
+    )
+    .await;
     assert_eq!(code(&r.error), ErrorCode::UnknownTopicOrPartition);
     let f = |offset: i64, partition: u32| api::FetchRequest {
         topic: "good".into(),
@@ -181,11 +188,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
     let mut bad = batch(3, 10, BatchOptions::default()).to_vec();
     let last = bad.len() - 1;
     bad[last] ^= 0xff;
-    let r = b
-        .produce(produce_raw("good", 0, Bytes::from(bad)))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(&mut b, produce_raw("good", 0, Bytes::from(bad))).await;
     assert_eq!(code(&r.error), ErrorCode::CorruptBatch);
     // A record count that does not match, with a valid CRC over the lie.
     for lie in [2u32, 4] {
@@ -201,11 +204,11 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
         assert_eq!(code(&r.error), ErrorCode::CorruptBatch, "count {lie}");
     }
     // Garbage that is not a batch at all.
-    let r = b
-        .produce(produce_raw("good", 0, Bytes::from_static(b"not a batch")))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(
+        &mut b,
+        produce_raw("good", 0, Bytes::from_static(b"not a batch")),
+    )
+    .await;
     assert_eq!(code(&r.error), ErrorCode::CorruptBatch);
 
     // Idempotence: a new producer must start at sequence 0; an older epoch is fenced.
@@ -221,31 +224,15 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
         base_sequence: seq,
         ..Default::default()
     };
-    let r = b
-        .produce(produce_raw("good", 0, batch(1, 1, idem(0, 5))))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(&mut b, produce_raw("good", 0, batch(1, 1, idem(0, 5)))).await;
     assert_eq!(code(&r.error), ErrorCode::OutOfOrderSequence);
-    let r = b
-        .produce(produce_raw("good", 0, batch(1, 1, idem(1, 0))))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(&mut b, produce_raw("good", 0, batch(1, 1, idem(1, 0)))).await;
     assert_eq!(code(&r.error), ErrorCode::None);
     let hw1 = hw0 + 1;
-    let r = b
-        .produce(produce_raw("good", 0, batch(1, 1, idem(0, 1))))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(&mut b, produce_raw("good", 0, batch(1, 1, idem(0, 1)))).await;
     assert_eq!(code(&r.error), ErrorCode::FencedProducer);
     // A retry of the accepted batch is answered with its original offset, not written again.
-    let r = b
-        .produce(produce_raw("good", 0, batch(1, 1, idem(1, 0))))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = produce(&mut b, produce_raw("good", 0, batch(1, 1, idem(1, 0)))).await;
     assert_eq!(code(&r.error), ErrorCode::None);
     assert!(r.duplicate);
     assert_eq!(r.base_offset, hw0);

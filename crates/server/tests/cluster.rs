@@ -14,6 +14,22 @@ use runnel_client::{
 
 const TOPIC_SEGMENT: u64 = 8 << 20;
 
+/// Creates `name` with `partitions` partitions and small segments.
+async fn create_topic(client: &Client, name: &str, partitions: u32) {
+    client
+        .admin()
+        .create_topic(
+            name,
+            TopicSpec {
+                partitions,
+                segment_bytes: TOPIC_SEGMENT,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 async fn produce_all(
     client: &Client,
     topic: &str,
@@ -211,18 +227,7 @@ async fn produce_consume_commit_resume_and_replay() {
 async fn killing_a_leader_loses_and_duplicates_nothing() {
     let mut cluster = Cluster::start(2);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            "payments",
-            TopicSpec {
-                partitions: 2,
-                segment_bytes: TOPIC_SEGMENT,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    create_topic(&client, "payments", 2).await;
 
     // An idempotent producer writes unique values to partition 0 in the background.
     let producer = std::sync::Arc::new(client.producer(ProducerConfig {
@@ -365,18 +370,7 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
 async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
     let mut cluster = Cluster::start(1);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            "t",
-            TopicSpec {
-                partitions: 1,
-                segment_bytes: TOPIC_SEGMENT,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    create_topic(&client, "t", 1).await;
     let acked = produce_all(&client, "t", 100, 1).await;
     let status = cluster.terminate(2);
     assert!(
@@ -404,18 +398,7 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
 async fn subscribe_streams_existing_then_new_records_in_order() {
     let cluster = Cluster::start(1);
     let client = cluster.client().await;
-    client
-        .admin()
-        .create_topic(
-            "stream",
-            TopicSpec {
-                partitions: 1,
-                segment_bytes: TOPIC_SEGMENT,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    create_topic(&client, "stream", 1).await;
     produce_all(&client, "stream", 50, 1).await;
     let leader = client.metadata(&["stream".into()]).await.unwrap().topics[0].partitions[0]
         .leader_address
