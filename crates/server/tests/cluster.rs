@@ -260,6 +260,29 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
             acked
         })
     };
+    // A consumer reads partition 0 from the leader throughout the kill: its offsets must stay
+    // contiguous (a leader change neither skips nor repeats below its position).
+    let (target_tx, mut target_rx) = tokio::sync::watch::channel(i64::MAX);
+    let reader = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut c = client.consumer(ConsumerConfig {
+                retry_deadline: Duration::from_secs(60),
+                ..Default::default()
+            });
+            c.assign("payments", Some(vec![0]), StartFrom::Offset(0))
+                .await
+                .unwrap();
+            let mut values = Vec::new();
+            while (values.len() as i64) < *target_rx.borrow_and_update() {
+                for r in c.poll().await.unwrap() {
+                    assert_eq!(r.offset, values.len() as i64, "contiguous across the kill");
+                    values.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+                }
+            }
+            values
+        })
+    };
     // Let some writes land, then SIGKILL the leader.
     let c2 = client.clone();
     wait_for(Duration::from_secs(30), "first writes", || {
@@ -316,6 +339,11 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
         }
     })
     .await;
+    target_tx.send(hw).unwrap();
+    let during = tokio::time::timeout(Duration::from_secs(90), reader)
+        .await
+        .expect("the concurrent reader caught up")
+        .unwrap();
     let recs = read_partition(&client, "payments", 0, StartFrom::Earliest, hw).await;
     let offsets: Vec<i64> = recs.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (0..hw).collect::<Vec<_>>(), "contiguous offsets");
@@ -332,6 +360,10 @@ async fn killing_a_leader_loses_and_duplicates_nothing() {
         );
     }
     assert_eq!(values.len(), ok.len(), "nothing that was not acknowledged");
+    assert_eq!(
+        during, values,
+        "the reader during the kill saw the same log"
+    );
 
     // The restarted node catches up: its own replica reaches the same high watermark.
     let victim_addr = cluster.nodes[victim as usize - 1].client.clone();
@@ -434,6 +466,61 @@ async fn subscribe_streams_existing_then_new_records_in_order() {
         if next == 50 && !produced_more {
             produced_more = true;
             produce_all(&client, "stream", 50, 2).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_on_every_node() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::start(1);
+    let _ = cluster.client().await;
+    for n in &cluster.nodes {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", n.client))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for svc in ["runnel.v1.Broker", "runnel.v1.Admin"] {
+            let r = HealthClient::new(ch.clone())
+                .check(HealthCheckRequest {
+                    service: svc.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                r.status,
+                ServingStatus::Serving as i32,
+                "{svc} on node {}",
+                n.id
+            );
+        }
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected reflection answer {resp:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for svc in ["runnel.v1.Broker", "runnel.v1.Admin"] {
+            assert!(
+                names.iter().any(|n| n == svc),
+                "{svc} missing from {names:?}"
+            );
         }
     }
 }
