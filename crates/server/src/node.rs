@@ -125,7 +125,12 @@ impl Node {
         }
         let (meta_tx, meta_rx) = watch::channel(Arc::new(MetaImage::default()));
         let (stop, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::new(cfg.clone(), Arc::clone(&host), meta_rx));
+        let shared = Arc::new(Shared::new(
+            cfg.clone(),
+            Arc::clone(&host),
+            meta_rx,
+            stop_rx.clone(),
+        ));
         let mut tasks = vec![tokio::spawn(metadata::follow(
             Arc::clone(&host),
             meta_tx,

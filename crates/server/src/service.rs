@@ -58,11 +58,19 @@ pub struct Shared {
     pids: Mutex<(i64, i64)>,
     /// Channels to other nodes' client listeners, for forwarding admin calls.
     channels: std::sync::Mutex<HashMap<String, tonic::transport::Channel>>,
+    /// Becomes true when the node shuts down: long-polls and streams end early.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
-    /// Shared state over `host` and the metadata image `meta`.
-    pub fn new(cfg: Config, host: Arc<RaftHost>, meta: watch::Receiver<Arc<MetaImage>>) -> Self {
+    /// Shared state over `host` and the metadata image `meta`; `stopping` turns true at
+    /// shutdown.
+    pub fn new(
+        cfg: Config,
+        host: Arc<RaftHost>,
+        meta: watch::Receiver<Arc<MetaImage>>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Shared {
             cfg,
             host,
@@ -70,7 +78,12 @@ impl Shared {
             rr: AtomicU32::new(0),
             pids: Mutex::new((0, 0)),
             channels: std::sync::Mutex::default(),
+            stopping,
         }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     fn node_id(&self) -> u64 {
@@ -778,10 +791,16 @@ impl Api {
             if offset == hw && !max_wait.is_zero() {
                 if let Some(mut rx) = store.watch_high_watermark(p.partition_id) {
                     let deadline = tokio::time::Instant::now() + max_wait;
-                    while *rx.borrow_and_update() <= offset {
-                        match tokio::time::timeout_at(deadline, rx.changed()).await {
-                            Ok(Ok(())) => {}
-                            _ => break,
+                    let mut stopping = s.stopping.clone();
+                    while *rx.borrow_and_update() <= offset && !s.stopping() {
+                        tokio::select! {
+                            r = tokio::time::timeout_at(deadline, rx.changed()) => {
+                                if !matches!(r, Ok(Ok(()))) {
+                                    break;
+                                }
+                            }
+                            // Shutdown ends the wait: the (empty) answer goes out at once.
+                            _ = stopping.changed() => break,
                         }
                     }
                 }
@@ -963,10 +982,20 @@ impl api::broker_server::Broker for Api {
                 if (!empty || failed) && tx.send(Ok(resp)).await.is_err() {
                     return; // the client went away
                 }
-                if failed {
+                if failed || tx.is_closed() {
                     return;
                 }
-                if tx.is_closed() {
+                if me.shared.stopping() {
+                    let bye = api::FetchResponse {
+                        error: Some(error(
+                            ErrorCode::LeaderNotAvailable,
+                            "the node is shutting down: resubscribe at next_offset elsewhere",
+                        )),
+                        next_offset: fetch.offset,
+                        served_by: me.shared.node_id(),
+                        ..Default::default()
+                    };
+                    let _ = tx.send(Ok(bye)).await;
                     return;
                 }
             }

@@ -428,7 +428,7 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_streams_existing_then_new_records_in_order() {
-    let cluster = Cluster::start(1);
+    let mut cluster = Cluster::start(1);
     let client = cluster.client().await;
     create_topic(&client, "stream", 1).await;
     produce_all(&client, "stream", 50, 1).await;
@@ -468,6 +468,25 @@ async fn subscribe_streams_existing_then_new_records_in_order() {
             produce_all(&client, "stream", 50, 2).await;
         }
     }
+    // SIGTERM with the stream open: the node ends it with an in-band error and exits cleanly.
+    let leader_id = cluster
+        .nodes
+        .iter()
+        .find(|n| n.client == leader)
+        .unwrap()
+        .id;
+    let status = cluster.terminate(leader_id);
+    assert!(status.success(), "{status:?}\n{}", cluster.logs());
+    let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("stream answered")
+        .expect("stream ended in-band")
+        .expect("a last message");
+    assert_eq!(
+        m.error.map(|e| e.code),
+        Some(api::ErrorCode::LeaderNotAvailable as i32)
+    );
+    assert_eq!(m.next_offset, 100, "resume point");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
