@@ -45,6 +45,7 @@ fn produce_raw(topic: &str, partition: u32, batch: Bytes) -> api::ProduceRequest
 async fn bad_input_gets_exact_codes_and_changes_nothing() {
     let mut cluster = Cluster::start(1);
     let client = cluster.client().await;
+    cluster.wait_balanced().await;
     let admin = client.admin();
     admin
         .create_topic(
@@ -330,6 +331,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
 async fn fetch_below_log_start_is_out_of_range() {
     let cluster = Cluster::start(1);
     let client = cluster.client().await;
+    cluster.wait_balanced().await;
     client
         .admin()
         .create_topic(

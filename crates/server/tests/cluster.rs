@@ -430,6 +430,7 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts() {
 async fn subscribe_streams_existing_then_new_records_in_order() {
     let mut cluster = Cluster::start(1);
     let client = cluster.client().await;
+    cluster.wait_balanced().await;
     create_topic(&client, "stream", 1).await;
     produce_all(&client, "stream", 50, 1).await;
     let leader = client.metadata(&["stream".into()]).await.unwrap().topics[0].partitions[0]

@@ -126,6 +126,37 @@ impl Cluster {
         }
     }
 
+    /// Waits (bounded) until every group is led by its preferred leader, so the background
+    /// balancer will not move a leader under a test that talks to one node directly.
+    pub async fn wait_balanced(&self) {
+        let client = self.client().await;
+        let admin = client.admin();
+        let addrs = self.bootstrap();
+        wait_for(
+            Duration::from_secs(60),
+            "every group at its preferred leader",
+            || {
+                let (admin, addrs) = (&admin, &addrs);
+                async move {
+                    let mut groups = 0;
+                    for (i, addr) in addrs.iter().enumerate() {
+                        let id = i as u64 + 1;
+                        let st = admin.cluster_status_at(addr).await.ok()?;
+                        groups = groups.max(st.groups.len());
+                        for g in &st.groups {
+                            if g.preferred_leader == id && g.leader_id != id {
+                                return None;
+                            }
+                        }
+                    }
+                    // Every group has a preferred leader among the three, and each reported it leads.
+                    (groups > 0).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// SIGKILLs node `id`.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut c) = self.nodes[id as usize - 1].child.take() {
