@@ -218,6 +218,16 @@ impl std::fmt::Debug for RaftHost {
 impl RaftHost {
     /// Starts the transport on `listener` (peers connect there) with no groups yet.
     pub async fn start(cfg: HostConfig, listener: TcpListener) -> Result<Self, HostError> {
+        Self::start_with_routes(cfg, listener, tonic::service::Routes::default()).await
+    }
+
+    /// Starts the transport on `listener`, which also serves `extra` (the embedding server's
+    /// node-to-node services), with no groups yet.
+    pub async fn start_with_routes(
+        cfg: HostConfig,
+        listener: TcpListener,
+        extra: tonic::service::Routes,
+    ) -> Result<Self, HostError> {
         let raft_config = Arc::new(cfg.raft_config()?);
         std::fs::create_dir_all(cfg.data_dir.join("groups"))?;
         let registry = Registry::default();
@@ -232,7 +242,7 @@ impl RaftHost {
         let server = tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(svc)
+                .add_routes(extra.add_service(svc))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
                 })

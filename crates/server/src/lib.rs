@@ -9,6 +9,7 @@
 //! ```
 
 pub mod config;
+mod late;
 pub mod metadata;
 pub mod node;
 pub mod service;

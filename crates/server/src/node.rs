@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::late::Late;
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
 use crate::service::{Api, Shared, now_ms};
 
@@ -103,7 +104,12 @@ impl Node {
             ..LogConfig::default()
         };
         std::fs::create_dir_all(&cfg.data_dir)?;
-        let host = Arc::new(RaftHost::start(hcfg, peer_l).await?);
+        // The peer listener also answers the client API, for calls one node forwards to
+        // another: advertised client addresses may only make sense outside (a host port, NAT).
+        let (late_broker, late_admin) = (Late::default(), Late::default());
+        let internal =
+            tonic::service::Routes::new(late_broker.clone()).add_service(late_admin.clone());
+        let host = Arc::new(RaftHost::start_with_routes(hcfg, peer_l, internal).await?);
         let peer_addr = host.local_addr();
         let members: BTreeMap<u64, NodeAddr> = cfg
             .cluster
@@ -131,6 +137,9 @@ impl Node {
             meta_rx,
             stop_rx.clone(),
         ));
+        let (broker, admin) = api_services(&shared);
+        late_broker.set(broker);
+        late_admin.set(admin);
         let mut tasks = vec![tokio::spawn(metadata::follow(
             Arc::clone(&host),
             meta_tx,
@@ -215,14 +224,25 @@ impl Node {
     }
 }
 
-async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let limits = shared.cfg.limits.clone();
-    let apis = Api::new(Arc::clone(&shared));
+/// The Broker and Admin services of this node, with the configured message limits.
+fn api_services(
+    shared: &Arc<Shared>,
+) -> (
+    api::broker_server::BrokerServer<Api>,
+    api::admin_server::AdminServer<Api>,
+) {
+    let limits = &shared.cfg.limits;
+    let apis = Api::new(Arc::clone(shared));
     let broker = api::broker_server::BrokerServer::new(apis.clone())
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_fetch_bytes.saturating_mul(2).max(64 << 20));
     let admin = api::admin_server::AdminServer::new(apis)
         .max_decoding_message_size(limits.max_request_bytes);
+    (broker, admin)
+}
+
+async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let (broker, admin) = api_services(&shared);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<api::broker_server::BrokerServer<Api>>()

@@ -56,7 +56,7 @@ pub struct Shared {
     rr: AtomicU32,
     /// Producer ids left in this node's current block: (next, end exclusive).
     pids: Mutex<(i64, i64)>,
-    /// Channels to other nodes' client listeners, for forwarding admin calls.
+    /// Channels to other nodes' peer listeners, for forwarding admin calls.
     channels: std::sync::Mutex<HashMap<String, tonic::transport::Channel>>,
     /// Becomes true when the node shuts down: long-polls and streams end early.
     stopping: watch::Receiver<bool>,
@@ -95,6 +95,24 @@ impl Shared {
     }
 
     /// The client address of `node` per the group's membership (falling back to the config).
+    /// The peer (internal) address of `node`, where forwarded calls go: it answers the
+    /// client API too, and unlike an advertised client address it is reachable between nodes.
+    fn peer_addr(&self, group: u64, node: u64) -> String {
+        self.host
+            .members(group)
+            .and_then(|m| m.get(&node).map(|n| n.addr.clone()))
+            .filter(|a| !a.is_empty())
+            .or_else(|| {
+                self.cfg
+                    .cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == node)
+                    .map(|n| n.peer.clone())
+            })
+            .unwrap_or_default()
+    }
+
     fn client_addr(&self, group: u64, node: u64) -> String {
         self.host
             .members(group)
@@ -379,7 +397,7 @@ impl Shared {
         let m = self.host.metrics(group);
         match m.as_ref().and_then(|m| m.leader) {
             Some(l) if l == self.node_id() => Ok(None),
-            Some(l) if !forwarded => Ok(Some(self.channel(&self.client_addr(group, l))?)),
+            Some(l) if !forwarded => Ok(Some(self.channel(&self.peer_addr(group, l))?)),
             _ => Err(self.not_leader(group, m.as_ref())),
         }
     }

@@ -544,3 +544,72 @@ async fn health_and_reflection_answer_on_every_node() {
         }
     }
 }
+
+/// Admin writes and producer ids are forwarded to the metadata leader over the peer listener,
+/// so they work on every node even when the advertised client addresses are unreachable from
+/// the nodes (published container ports, NAT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_works_when_advertised_client_addresses_do_not() {
+    // Port 1 on loopback refuses: nothing may depend on reaching an advertised client address.
+    let cluster = Cluster::start_advertising(1, |_| "127.0.0.1:1".to_string());
+    for n in &cluster.nodes {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", n.client))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2));
+        let ch = wait_for(Duration::from_secs(30), "the node to listen", || {
+            let ch = ch.clone();
+            async move { ch.connect().await.ok() }
+        })
+        .await;
+        let admin = api::admin_client::AdminClient::new(ch.clone());
+        let mut broker = api::broker_client::BrokerClient::new(ch);
+        let topic = format!("behind-nat-{}", n.id);
+        // Retry only while the cluster elects its first leaders.
+        let r = wait_for(Duration::from_secs(30), "create_topic to succeed", || {
+            let (admin, topic) = (admin.clone(), topic.clone());
+            async move {
+                let mut admin = admin;
+                let r = admin
+                    .create_topic(api::CreateTopicRequest {
+                        name: topic,
+                        partitions: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                match r.error.as_ref().map(|e| e.code()) {
+                    Some(api::ErrorCode::LeaderNotAvailable | api::ErrorCode::NotLeader) => None,
+                    _ => Some(r),
+                }
+            }
+        })
+        .await;
+        assert!(r.error.is_none(), "node {}: {:?}", n.id, r.error);
+        let r = broker
+            .init_producer_id(api::InitProducerIdRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.error.is_none(), "node {}: {:?}", n.id, r.error);
+        assert!(r.producer_id > 0);
+        wait_for(
+            Duration::from_secs(10),
+            "the node to list the topic",
+            || {
+                let (admin, topic) = (admin.clone(), topic.clone());
+                async move {
+                    let mut admin = admin;
+                    let listed = admin.list_topics(api::ListTopicsRequest {}).await.ok()?;
+                    listed
+                        .into_inner()
+                        .topics
+                        .iter()
+                        .any(|t| t.name == topic)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}

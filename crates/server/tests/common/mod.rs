@@ -38,6 +38,12 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts three nodes with `data_groups` data groups.
     pub fn start(data_groups: u32) -> Cluster {
+        Self::start_advertising(data_groups, |n| n.client.clone())
+    }
+
+    /// Starts three nodes whose bootstrap list advertises `advertised(node)` as each node's
+    /// client address (it need not be where the node listens, as behind NAT).
+    pub fn start_advertising(data_groups: u32, advertised: impl Fn(&Proc) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
@@ -59,7 +65,7 @@ impl Cluster {
         .unwrap();
         let nodes_arg = nodes
             .iter()
-            .map(|n| format!("{}={}/{}", n.id, n.peer, n.client))
+            .map(|n| format!("{}={}/{}", n.id, n.peer, advertised(n)))
             .collect::<Vec<_>>()
             .join(",");
         let mut c = Cluster {
