@@ -202,7 +202,11 @@ enum OffsetsCmd {
 #[derive(Debug, Subcommand)]
 enum ClusterCmd {
     /// Nodes, groups, leaders and replica lag, from every node's point of view.
-    Status,
+    Status {
+        /// Print every reachable node's own view as one JSON document (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_from(s: &str) -> anyhow::Result<StartFrom> {
@@ -269,8 +273,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Consume(a) => consume(&connect(&cli).await?, a).await,
         Cmd::Offsets { cmd } => offsets(&connect(&cli).await?, cmd).await,
         Cmd::Cluster {
-            cmd: ClusterCmd::Status,
+            cmd: ClusterCmd::Status { json: false },
         } => status(&connect(&cli).await?).await,
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status { json: true },
+        } => status_json(&connect(&cli).await?).await,
     }
 }
 
@@ -586,6 +593,54 @@ async fn offsets(c: &Client, cmd: &OffsetsCmd) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `cluster status --json`: `{controller, nodes: [{id, address, peer, up}], views: [{answered_by,
+/// groups: [{group, leader, preferred, term, last_log_index, committed_index, applied_index,
+/// voters, partitions, replicas: [{node, matched_index, lag}]}]}]}`; indexes are -1 when unknown.
+async fn status_json(c: &Client) -> anyhow::Result<()> {
+    use serde_json::json;
+    let admin = c.admin();
+    let meta = c.metadata(&[]).await?;
+    let mut nodes = Vec::new();
+    let mut views = Vec::new();
+    for n in &meta.nodes {
+        let st = admin.cluster_status_at(&n.address).await.ok();
+        nodes.push(json!({
+            "id": n.node_id,
+            "address": n.address,
+            "peer": n.peer_address,
+            "up": st.is_some(),
+        }));
+        let Some(st) = st else { continue };
+        let groups: Vec<_> = st
+            .groups
+            .iter()
+            .map(|g| {
+                let replicas: Vec<_> = g
+                    .replicas
+                    .iter()
+                    .map(|r| json!({"node": r.node_id, "matched_index": r.matched_index, "lag": r.lag}))
+                    .collect();
+                json!({
+                    "group": g.group_id,
+                    "leader": g.leader_id,
+                    "preferred": g.preferred_leader,
+                    "term": g.term,
+                    "last_log_index": g.last_log_index,
+                    "committed_index": g.committed_index,
+                    "applied_index": g.applied_index,
+                    "voters": g.voters,
+                    "partitions": g.partitions,
+                    "replicas": replicas,
+                })
+            })
+            .collect();
+        views.push(json!({"answered_by": st.answered_by, "groups": groups}));
+    }
+    let doc = json!({"controller": meta.controller_id, "nodes": nodes, "views": views});
+    println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }
 

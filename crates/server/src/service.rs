@@ -28,6 +28,10 @@ use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage, PartitionRef,
 const FORWARDED: &str = "x-runnel-forwarded";
 /// How long a topic admin call waits for its effects to become visible on this node.
 const ADMIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a node waits to learn a topic another node already knows.
+const TOPIC_CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+/// Most unknown names one Metadata request waits to learn.
+const TOPIC_CATCH_UP_NAMES_MAX: usize = 64;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -94,7 +98,6 @@ impl Shared {
         Arc::clone(&self.meta.borrow())
     }
 
-    /// The client address of `node` per the group's membership (falling back to the config).
     /// The peer (internal) address of `node`, where forwarded calls go: it answers the
     /// client API too, and unlike an advertised client address it is reachable between nodes.
     fn peer_addr(&self, group: u64, node: u64) -> String {
@@ -113,6 +116,7 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// The client address of `node` per the group's membership (falling back to the config).
     fn client_addr(&self, group: u64, node: u64) -> String {
         self.host
             .members(group)
@@ -199,6 +203,47 @@ impl Shared {
                 )
             })?;
         Ok((t, p))
+    }
+
+    /// Read-your-writes for topic metadata: when this node does not know `name` yet, asks the
+    /// metadata leader; if the leader knows it, waits (bounded) until this node's image has
+    /// caught up. A topic created through one node is then usable through every other at once.
+    async fn await_topic(&self, name: &str) {
+        if self.image().topics.contains_key(name) || topic::validate_name(name).is_err() {
+            return;
+        }
+        let Ok(Some(ch)) = self.forward_target(META_GROUP, false) else {
+            return; // this node leads the metadata group (its image is current), or no leader
+        };
+        let req = mark_forwarded(api::MetadataRequest {
+            topics: vec![name.to_string()],
+        });
+        let asked = tokio::time::timeout(
+            TOPIC_CATCH_UP_WAIT,
+            api::broker_client::BrokerClient::new(ch).metadata(req),
+        )
+        .await;
+        let known = matches!(&asked, Ok(Ok(r)) if r.get_ref().topics.iter()
+            .any(|t| t.name == name && t.error.is_none()));
+        if !known {
+            return;
+        }
+        let mut meta = self.meta.clone();
+        let _ = tokio::time::timeout(
+            TOPIC_CATCH_UP_WAIT,
+            meta.wait_for(|img| img.topics.contains_key(name)),
+        )
+        .await;
+    }
+
+    /// [`Shared::resolve`] after [`Shared::await_topic`].
+    async fn resolve_fresh(
+        &self,
+        name: &str,
+        partition: u32,
+    ) -> Result<(Topic, PartitionRef), api::Error> {
+        self.await_topic(name).await;
+        self.resolve(name, partition)
     }
 
     fn topic(&self, name: &str) -> Result<Topic, api::Error> {
@@ -586,6 +631,7 @@ impl Api {
             last_offset: -1,
             ..Default::default()
         };
+        s.await_topic(&r.topic).await;
         let t = match s.topic(&r.topic) {
             Ok(t) => t,
             Err(e) => return Ok(fail(r.partition.unwrap_or(0), e)),
@@ -793,7 +839,7 @@ impl Api {
             ..Default::default()
         };
         let r = async {
-            let (_, p) = s.resolve(topic, partition)?;
+            let (_, p) = s.resolve_fresh(topic, partition).await?;
             s.check_read(p.group, follower)?;
             let store = s.local_store(p)?;
             let (hw, start) = store
@@ -1029,6 +1075,7 @@ impl api::broker_server::Broker for Api {
     ) -> Result<Response<api::ListOffsetsResponse>, Status> {
         let r = req.into_inner();
         let s = &self.shared;
+        s.await_topic(&r.topic).await;
         let res = (|| {
             let (_, p) = s.resolve(&r.topic, r.partition)?;
             s.check_read(p.group, r.allow_follower)?;
@@ -1094,7 +1141,7 @@ impl api::broker_server::Broker for Api {
             let topic = r.topic.clone();
             async move {
                 let res = async {
-                    let (_, p) = s.resolve(&topic, po.partition)?;
+                    let (_, p) = s.resolve_fresh(&topic, po.partition).await?;
                     s.check_leader(p.group, false)?;
                     s.local_store(p)?;
                     if po.offset < 0 {
@@ -1154,6 +1201,7 @@ impl api::broker_server::Broker for Api {
         if r.partitions.len() > s.cfg.limits.max_offsets_per_request {
             return Err(Status::resource_exhausted("too many partitions"));
         }
+        s.await_topic(&r.topic).await;
         let partitions: Vec<u32> = if r.partitions.is_empty() {
             match s.topic(&r.topic) {
                 Ok(t) => (0..t.partitions.len() as u32).collect(),
@@ -1244,8 +1292,12 @@ impl api::broker_server::Broker for Api {
         &self,
         req: Request<api::MetadataRequest>,
     ) -> Result<Response<api::MetadataResponse>, Status> {
+        let fwd = forwarded(&req);
         let r = req.into_inner();
         let s = &self.shared;
+        if !fwd && r.topics.len() <= TOPIC_CATCH_UP_NAMES_MAX {
+            futures::future::join_all(r.topics.iter().map(|t| s.await_topic(t))).await;
+        }
         let img = s.image();
         let topics = if r.topics.is_empty() {
             img.topics.values().map(|t| s.topic_metadata(t)).collect()
@@ -1311,6 +1363,7 @@ impl api::admin_server::Admin for Api {
         let fwd = forwarded(&req);
         let r = req.into_inner();
         let s = &self.shared;
+        s.await_topic(&r.name).await;
         if let Err(e) = s.topic(&r.name) {
             return Ok(Response::new(api::DeleteTopicResponse { error: Some(e) }));
         }
@@ -1361,6 +1414,7 @@ impl api::admin_server::Admin for Api {
     ) -> Result<Response<api::DescribeTopicResponse>, Status> {
         let r = req.into_inner();
         let s = &self.shared;
+        s.await_topic(&r.name).await;
         let t = match s.topic(&r.name) {
             Ok(t) => t,
             Err(e) => {

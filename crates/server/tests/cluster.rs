@@ -613,3 +613,41 @@ async fn forwarding_works_when_advertised_client_addresses_do_not() {
         .await;
     }
 }
+
+/// Read-your-writes for topics: a node that missed a topic's creation (stopped meanwhile)
+/// answers for it as soon as it resumes, without waiting for the leader to bring it up to
+/// date (it asks the metadata leader when it does not know a name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_topic_is_known_at_once_on_every_node() {
+    let cluster = Cluster::start(1);
+    cluster.wait_balanced().await; // node 1 leads the metadata group
+    let client = cluster.client().await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[2].client))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut lagging = api::broker_client::BrokerClient::new(ch);
+    for round in 0..3 {
+        let name = format!("ryw-{round}");
+        cluster.signal(3, "STOP");
+        client
+            .admin()
+            .create_topic(&name, TopicSpec::partitions(1))
+            .await
+            .unwrap();
+        cluster.signal(3, "CONT");
+        let m = lagging
+            .metadata(api::MetadataRequest {
+                topics: vec![name.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            m.topics.len() == 1 && m.topics[0].error.is_none(),
+            "node 3 does not know {name} right after resuming: {:?}",
+            m.topics
+        );
+    }
+}

@@ -191,6 +191,17 @@ impl Cluster {
         }
     }
 
+    /// Sends `sig` (`STOP`, `CONT`, …) to node `id`'s process.
+    pub fn signal(&self, id: u64, sig: &str) {
+        let c = self.nodes[id as usize - 1].child.as_ref().expect("running");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(c.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} node {id}");
+    }
+
     /// Starts node `id` again on its data.
     pub fn restart(&mut self, id: u64) {
         self.spawn(id);
