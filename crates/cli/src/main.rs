@@ -207,6 +207,21 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a node that is gone for good (lost disk) by a new node started with `--join`.
+    ReplaceNode {
+        /// Id of the node being replaced.
+        #[arg(long)]
+        old: u64,
+        /// Id of the new node (never a reused id).
+        #[arg(long)]
+        new: u64,
+        /// The new node's peer address (host:port), as the other nodes reach it.
+        #[arg(long)]
+        peer: String,
+        /// The new node's advertised client address (host:port).
+        #[arg(long)]
+        client: String,
+    },
 }
 
 fn parse_from(s: &str) -> anyhow::Result<StartFrom> {
@@ -278,6 +293,20 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::Status { json: true },
         } => status_json(&connect(&cli).await?).await,
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::ReplaceNode {
+                    old,
+                    new,
+                    peer,
+                    client,
+                },
+        } => {
+            let c = connect(&cli).await?;
+            let groups = c.admin().replace_node(*old, *new, peer, client).await?;
+            println!("node {new} replaced node {old} in groups {groups:?}");
+            Ok(())
+        }
     }
 }
 

@@ -179,4 +179,37 @@ impl Admin {
         })
         .await
     }
+
+    /// Replaces member `old` (gone for good) by the new, empty node `new` (running with
+    /// `join`) in every group: `new` catches up as a learner, then becomes a voter in place of
+    /// `old`. Returns once every group has changed; safe to call again after a failure.
+    pub async fn replace_node(
+        &self,
+        old: u64,
+        new: u64,
+        new_peer_address: &str,
+        new_client_address: &str,
+    ) -> Result<Vec<u64>, Error> {
+        let req = api::ReplaceNodeRequest {
+            old_node_id: old,
+            new_node_id: new,
+            new_peer_address: new_peer_address.to_string(),
+            new_client_address: new_client_address.to_string(),
+            groups: Vec::new(),
+        };
+        let r = self
+            .retry("replace node", |mut a| {
+                let req = req.clone();
+                async move {
+                    let r = a.replace_node(req).await?.into_inner();
+                    match r.error {
+                        Some(e) => Err(Error::from_api(&e)),
+                        None => Ok(r.groups_done),
+                    }
+                }
+            })
+            .await?;
+        let _ = self.client.metadata(&[]).await;
+        Ok(r)
+    }
 }

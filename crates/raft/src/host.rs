@@ -530,20 +530,36 @@ impl RaftHost {
         node_id: u64,
         addr: &str,
     ) -> Result<(), HostError> {
+        let node = NodeAddr {
+            addr: addr.to_string(),
+            client_addr: String::new(),
+        };
+        self.add_learner_with(group_id, node_id, node).await
+    }
+
+    /// Adds `node_id` with its peer and client addresses as a learner of the group and waits
+    /// until it has caught up.
+    pub async fn add_learner_with(
+        &self,
+        group_id: u64,
+        node_id: u64,
+        node: NodeAddr,
+    ) -> Result<(), HostError> {
         let g = self.group(group_id)?;
-        self.router.set_peer(node_id, addr);
+        self.router.set_peer(node_id, &node.addr);
         g.raft
-            .add_learner(
-                node_id,
-                NodeAddr {
-                    addr: addr.to_string(),
-                    client_addr: String::new(),
-                },
-                true,
-            )
+            .add_learner(node_id, node, true)
             .await
             .map(|_| ())
             .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Registers the peer addresses of `members` without initializing anything (a node that
+    /// joins an existing cluster waits to be added by the groups' leaders).
+    pub fn set_peers(&self, members: &BTreeMap<u64, NodeAddr>) {
+        for (id, n) in members {
+            self.router.set_peer(*id, &n.addr);
+        }
     }
 
     /// Makes exactly `voters` the group's voters (learners among them are promoted, voters not

@@ -74,6 +74,9 @@ pub struct Cluster {
     pub nodes: Vec<NodeEntry>,
     /// Number of data groups (Raft groups 1..=N) partitions are spread over.
     pub data_groups: u32,
+    /// Join an existing cluster instead of bootstrapping: initialize nothing and wait to be
+    /// added (`ReplaceNode`). For a new node replacing one whose disk was lost.
+    pub join: bool,
 }
 
 /// Raft timing.
@@ -185,6 +188,7 @@ impl Default for Cluster {
         Cluster {
             nodes: Vec::new(),
             data_groups: 3,
+            join: false,
         }
     }
 }

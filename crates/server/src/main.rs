@@ -42,6 +42,9 @@ struct Args {
     /// Number of data groups.
     #[arg(long, env = "RUNNEL_DATA_GROUPS")]
     data_groups: Option<u32>,
+    /// Join an existing cluster (a new node replacing a lost one) instead of bootstrapping.
+    #[arg(long, env = "RUNNEL_JOIN")]
+    join: bool,
     /// Log format: text or json.
     #[arg(long, env = "RUNNEL_LOG_FORMAT")]
     log_format: Option<String>,
@@ -121,6 +124,9 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.data_groups {
         cfg.cluster.data_groups = v;
+    }
+    if args.join {
+        cfg.cluster.join = true;
     }
     if let Some(v) = &args.log_format {
         cfg.log.format = v.clone();

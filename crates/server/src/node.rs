@@ -127,7 +127,11 @@ impl Node {
             .collect();
         for g in 0..=u64::from(cfg.cluster.data_groups) {
             host.open_group(g).await?;
-            host.initialize_group_with(g, &members).await?;
+            if cfg.cluster.join {
+                host.set_peers(&members);
+            } else {
+                host.initialize_group_with(g, &members).await?;
+            }
         }
         let (meta_tx, meta_rx) = watch::channel(Arc::new(MetaImage::default()));
         let (stop, stop_rx) = watch::channel(false);

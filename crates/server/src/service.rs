@@ -205,6 +205,76 @@ impl Shared {
         Ok((t, p))
     }
 
+    /// Replaces `old_node_id` by `new_node_id` among the voters of `group`, on its leader
+    /// (forwarded there once): learner first, caught up, then one membership change.
+    async fn replace_in_group(
+        &self,
+        group: u64,
+        r: &api::ReplaceNodeRequest,
+        forwarded: bool,
+    ) -> Result<(), api::Error> {
+        let (old, new) = (r.old_node_id, r.new_node_id);
+        let m = self
+            .host
+            .metrics(group)
+            .ok_or_else(|| error(ErrorCode::InvalidRequest, format!("no group {group}")))?;
+        if m.voters.contains(&new) && !m.voters.contains(&old) {
+            return Ok(());
+        }
+        match self.forward_target(group, forwarded)? {
+            Some(ch) => {
+                let req = api::ReplaceNodeRequest {
+                    groups: vec![group],
+                    ..r.clone()
+                };
+                let resp = api::admin_client::AdminClient::new(ch)
+                    .replace_node(mark_forwarded(req))
+                    .await
+                    .map_err(forward_failed)?
+                    .into_inner();
+                resp.error.map_or(Ok(()), Err)
+            }
+            None => {
+                if !m.voters.contains(&old) {
+                    return Err(error(
+                        ErrorCode::InvalidRequest,
+                        format!("node {old} is not a voter (voters: {:?})", m.voters),
+                    ));
+                }
+                let failed = |what: &str, e: runnel_raft::HostError| {
+                    error(ErrorCode::RequestTimedOut, format!("{what}: {e}"))
+                };
+                if !m.voters.contains(&new) {
+                    let node = runnel_raft::NodeAddr {
+                        addr: r.new_peer_address.clone(),
+                        client_addr: r.new_client_address.clone(),
+                    };
+                    tracing::info!(
+                        group,
+                        node = new,
+                        "adding learner; waiting for it to catch up"
+                    );
+                    self.host
+                        .add_learner_with(group, new, node)
+                        .await
+                        .map_err(|e| failed("adding the learner", e))?;
+                }
+                let mut voters = self
+                    .host
+                    .metrics(group)
+                    .map(|m| m.voters)
+                    .unwrap_or_default();
+                voters.remove(&old);
+                voters.insert(new);
+                tracing::info!(group, ?voters, "changing voters");
+                self.host
+                    .change_voters(group, voters)
+                    .await
+                    .map_err(|e| failed("changing the voters", e))
+            }
+        }
+    }
+
     /// Read-your-writes for topic metadata: when this node does not know `name` yet, asks the
     /// metadata leader; if the leader knows it, waits (bounded) until this node's image has
     /// caught up. A topic created through one node is then usable through every other at once.
@@ -584,6 +654,26 @@ fn to_records(bytes: &Bytes, from: u64) -> Result<Vec<api::Record>, api::Error> 
         }
     }
     Ok(out)
+}
+
+/// Checks a `ReplaceNode` request on its own (ids, addresses).
+fn check_replacement(r: &api::ReplaceNodeRequest) -> Result<(), String> {
+    if r.old_node_id == 0 || r.new_node_id == 0 {
+        return Err("node ids are > 0".into());
+    }
+    if r.old_node_id == r.new_node_id {
+        return Err("a replacement needs a new node id (a wiped node forgot its votes)".into());
+    }
+    for (what, a) in [
+        ("new_peer_address", &r.new_peer_address),
+        ("new_client_address", &r.new_client_address),
+    ] {
+        match a.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(format!("{what} {a:?} is not host:port")),
+        }
+    }
+    Ok(())
 }
 
 fn forwarded<T>(req: &Request<T>) -> bool {
@@ -1569,6 +1659,51 @@ impl api::admin_server::Admin for Api {
                 }))
             }
         }
+    }
+
+    async fn replace_node(
+        &self,
+        req: Request<api::ReplaceNodeRequest>,
+    ) -> Result<Response<api::ReplaceNodeResponse>, Status> {
+        let fwd = forwarded(&req);
+        let r = req.into_inner();
+        let s = &self.shared;
+        let fail = |e, groups_done| {
+            Ok(Response::new(api::ReplaceNodeResponse {
+                error: Some(e),
+                groups_done,
+            }))
+        };
+        if let Err(m) = check_replacement(&r) {
+            return fail(error(ErrorCode::InvalidRequest, m), Vec::new());
+        }
+        let every: Vec<u64> = (0..=u64::from(s.cfg.cluster.data_groups)).collect();
+        let groups = if r.groups.is_empty() {
+            every
+        } else {
+            if let Some(g) = r.groups.iter().find(|g| !every.contains(g)) {
+                return fail(
+                    error(ErrorCode::InvalidRequest, format!("no group {g}")),
+                    Vec::new(),
+                );
+            }
+            r.groups.clone()
+        };
+        let mut done = Vec::new();
+        for g in groups {
+            if let Err(e) = s.replace_in_group(g, &r, fwd).await {
+                let e = api::Error {
+                    message: format!("group {g}: {}", e.message),
+                    ..e
+                };
+                return fail(e, done);
+            }
+            done.push(g);
+        }
+        Ok(Response::new(api::ReplaceNodeResponse {
+            error: None,
+            groups_done: done,
+        }))
     }
 }
 

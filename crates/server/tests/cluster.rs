@@ -651,3 +651,161 @@ async fn a_created_topic_is_known_at_once_on_every_node() {
         );
     }
 }
+
+/// A node whose disk is lost rejoins under a new id: started empty with `--join`, it is added
+/// to every group by `ReplaceNode`, catches up, and counts toward the quorum: with the first
+/// node down too, the replacement and the last original node still accept and serve writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_lost_disk_is_replaced_under_a_new_id() {
+    let mut cluster = Cluster::start(2);
+    let client = cluster.client().await;
+    create_topic(&client, "replace", 4).await;
+    // Current timestamps: retention (7 days by default) must not trim what this test reads.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut acked = produce_all(&client, "replace", 2000, now).await;
+
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.nodes[2].data).unwrap();
+    let new = cluster.start_joining_node(&[1, 2]);
+    let (peer, addr) = (
+        cluster.nodes[3].peer.clone(),
+        cluster.nodes[3].client.clone(),
+    );
+    let admin = client.admin();
+    let groups = admin.replace_node(3, new, &peer, &addr).await.unwrap();
+    assert_eq!(groups, vec![0, 1, 2]);
+    // Done is done: a second call changes nothing and succeeds.
+    assert_eq!(
+        admin.replace_node(3, new, &peer, &addr).await.unwrap(),
+        vec![0, 1, 2]
+    );
+    // Bad requests change nothing.
+    let e = admin.replace_node(2, 2, &peer, &addr).await.unwrap_err();
+    assert_eq!(e.code(), Some(api::ErrorCode::InvalidRequest), "{e}");
+    let e = admin
+        .replace_node(3, 5, "no-port", &addr)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(api::ErrorCode::InvalidRequest), "{e}");
+
+    // The new node sees itself a voter of every group, in place of node 3, and has applied
+    // everything the group's leader has committed.
+    wait_for(Duration::from_secs(60), "node 4 to catch up", || {
+        let (admin, addr, leader_view) = (&admin, &addr, &cluster.nodes[0].client);
+        async move {
+            let mine = admin.cluster_status_at(addr).await.ok()?;
+            let theirs = admin.cluster_status_at(leader_view).await.ok()?;
+            for g in &mine.groups {
+                if g.voters != vec![1, 2, 4] {
+                    return None;
+                }
+                let other = theirs.groups.iter().find(|x| x.group_id == g.group_id)?;
+                if g.applied_index < other.committed_index {
+                    return None;
+                }
+            }
+            (mine.groups.len() == 3).then_some(())
+        }
+    })
+    .await;
+    let meta = client.metadata(&[]).await.unwrap();
+    let ids: Vec<u64> = meta.nodes.iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, vec![1, 2, 4]);
+    // The new replica holds every partition whole, from offset 0, like the others (followers
+    // learn the last commit with the next heartbeat, hence the bounded wait).
+    let replicas = [
+        cluster.nodes[0].client.clone(),
+        cluster.nodes[1].client.clone(),
+        addr.clone(),
+    ];
+    for p in 0..4u32 {
+        let ranges = |p: u32| {
+            let replicas = replicas.clone();
+            async move {
+                let mut out = Vec::new();
+                for a in &replicas {
+                    let mut range = Vec::new();
+                    for ts in [-2, -1] {
+                        let r = common::broker(a)
+                            .await
+                            .list_offsets(api::ListOffsetsRequest {
+                                topic: "replace".into(),
+                                partition: p,
+                                timestamp_ms: ts,
+                                allow_follower: true,
+                            })
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        assert!(r.error.is_none(), "{:?}", r.error);
+                        range.push(r.offset);
+                    }
+                    out.push((range[0], range[1]));
+                }
+                out
+            }
+        };
+        let last = std::sync::Mutex::new(Vec::new());
+        let converged = tokio::time::timeout(
+            Duration::from_secs(10),
+            // The outer timeout fires first, so the failure shows the last ranges seen.
+            wait_for(Duration::from_secs(20), "replicas to agree", || async {
+                let r = ranges(p).await;
+                let same = r.iter().all(|x| *x == r[0]) && r[0].0 == 0;
+                *last.lock().unwrap() = r;
+                same.then_some(())
+            }),
+        )
+        .await;
+        assert!(
+            converged.is_ok(),
+            "partition {p}: [log start, high watermark) on nodes 1, 2, 4: {:?}",
+            last.lock().unwrap()
+        );
+    }
+    // Node 1 goes too: {2, 4} is a majority of every group.
+    cluster.kill(1);
+    let survivors = Client::connect([cluster.nodes[1].client.clone(), addr.clone()])
+        .await
+        .unwrap();
+    let producer = survivors.producer(ProducerConfig::default());
+    for i in 0..500 {
+        let v = format!("after-{i:04}");
+        let d = producer
+            .send(
+                "replace",
+                ProducerRecord::new(v.clone()).key(format!("k{i}")),
+            )
+            .await
+            .unwrap()
+            .await
+            .expect("acknowledged by nodes 2 and 4");
+        acked.push((v, d));
+    }
+    producer.close().await;
+    // Every acknowledged record, at its acknowledged offset.
+    let mut want: BTreeMap<u32, BTreeMap<i64, String>> = BTreeMap::new();
+    for (v, d) in &acked {
+        want.entry(d.partition)
+            .or_default()
+            .insert(d.offset, v.clone());
+    }
+    for (p, offs) in &want {
+        let upto = *offs.keys().last().unwrap() + 1;
+        let got: BTreeMap<i64, String> =
+            read_partition(&survivors, "replace", *p, StartFrom::Earliest, upto)
+                .await
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.offset,
+                        String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+        assert_eq!(&got, offs, "partition {p}");
+    }
+}

@@ -16,6 +16,9 @@ pub struct Proc {
     pub peer: String,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// `--nodes` for this node when it differs from the cluster's (a joining node).
+    nodes_arg: Option<String>,
+    join: bool,
     child: Option<Child>,
 }
 
@@ -53,6 +56,8 @@ impl Cluster {
                 peer: format!("127.0.0.1:{}", free_port()),
                 data: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
+                nodes_arg: None,
+                join: false,
                 child: None,
             });
         }
@@ -81,8 +86,12 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) {
-        let (nodes_arg, groups) = (self.nodes_arg.clone(), self.data_groups);
+        let groups = self.data_groups;
         let n = &mut self.nodes[id as usize - 1];
+        let nodes_arg = n
+            .nodes_arg
+            .clone()
+            .unwrap_or_else(|| self.nodes_arg.clone());
         assert!(n.child.is_none(), "node {id} already runs");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -104,6 +113,7 @@ impl Cluster {
             .arg(&nodes_arg)
             .arg("--data-groups")
             .arg(groups.to_string())
+            .args(n.join.then_some("--join"))
             .env("RUST_LOG", "info,openraft=error")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -189,6 +199,36 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts a new, empty node with the next id that joins the cluster (`--join`) instead of
+    /// bootstrapping, listing `members` and itself; returns its id.
+    pub fn start_joining_node(&mut self, members: &[u64]) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let p = Proc {
+            id,
+            client: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            data: self.dir.path().join(format!("node-{id}")),
+            log: self.dir.path().join(format!("node-{id}.log")),
+            nodes_arg: None,
+            join: true,
+            child: None,
+        };
+        let list = self
+            .nodes
+            .iter()
+            .filter(|n| members.contains(&n.id))
+            .chain(std::iter::once(&p))
+            .map(|n| format!("{}={}/{}", n.id, n.peer, n.client))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.nodes.push(Proc {
+            nodes_arg: Some(list),
+            ..p
+        });
+        self.spawn(id);
+        id
     }
 
     /// Sends `sig` (`STOP`, `CONT`, …) to node `id`'s process.
