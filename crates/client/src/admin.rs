@@ -30,18 +30,24 @@ impl TopicSpec {
     }
 }
 
+/// How long one `ReplaceNode` call may run (the new replica catches up meanwhile).
+pub const REPLACE_NODE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Admin operations; any node answers (writes are forwarded to the metadata leader).
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: Client,
     deadline: Duration,
+    call_timeout: Duration,
 }
 
 impl Admin {
     pub(crate) fn new(client: Client) -> Self {
+        let call_timeout = client.request_timeout();
         Admin {
             client,
             deadline: Duration::from_secs(30),
+            call_timeout,
         }
     }
 
@@ -56,8 +62,12 @@ impl Admin {
         loop {
             let nodes = self.client.nodes();
             let addr = &nodes[attempt as usize % nodes.len()];
+            // A node that vanished behind a proxy or NAT may never answer: bound every call.
+            let limit = self.call_timeout;
             let r = match self.client.admin_at(addr) {
-                Ok(a) => call(a).await,
+                Ok(a) => tokio::time::timeout(limit, call(a))
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Timeout(format!("{what} at {addr}")))),
                 Err(e) => Err(e),
             };
             match r {
@@ -197,7 +207,12 @@ impl Admin {
             new_client_address: new_client_address.to_string(),
             groups: Vec::new(),
         };
-        let r = self
+        // Each group's new replica catches up inside the call: allow it an hour.
+        let slow = Admin {
+            call_timeout: REPLACE_NODE_TIMEOUT,
+            ..self.clone()
+        };
+        let r = slow
             .retry("replace node", |mut a| {
                 let req = req.clone();
                 async move {

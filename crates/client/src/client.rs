@@ -101,6 +101,11 @@ impl Client {
         Ok(c)
     }
 
+    /// How long one call may take before it counts as failed (and retriable).
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.inner.cfg.request_timeout
+    }
+
     /// A lazily connected channel to `addr`.
     pub fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let mut ch = self.inner.channels.lock().expect("channels");

@@ -191,11 +191,19 @@ impl Consumer {
         let deadline = tokio::time::Instant::now() + self.cfg.retry_deadline;
         let mut attempt = 0;
         loop {
-            let r = async {
+            // A node that vanished behind a proxy or NAT may never answer: bound every call
+            // (a fetch may legitimately wait up to max_wait on the server).
+            let limit = self.client.request_timeout() + self.cfg.max_wait;
+            let r = tokio::time::timeout(limit, async {
                 let addr = self.client.leader_addr(topic, partition).await?;
                 call(self.client.broker(&addr)?).await
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout(format!(
+                    "{topic}/{partition}: no answer within {limit:?}"
+                )))
+            });
             let wait = match r {
                 Ok((None, v)) => return Ok(v),
                 Ok((Some(e), _)) => {

@@ -279,7 +279,7 @@ async fn init_producer_id(shared: &Shared) -> Result<(i64, i16), Error> {
     loop {
         let nodes = shared.client.nodes();
         let addr = &nodes[attempt as usize % nodes.len()];
-        let r = async {
+        let r = tokio::time::timeout(shared.cfg.request_timeout, async {
             let mut b = shared.client.broker(addr)?;
             let r = b
                 .init_producer_id(api::InitProducerIdRequest {})
@@ -289,8 +289,9 @@ async fn init_producer_id(shared: &Shared) -> Result<(i64, i16), Error> {
                 Some(e) => Err(Error::from_api(&e)),
                 None => Ok((r.producer_id, r.producer_epoch as i16)),
             }
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(Error::Timeout(format!("InitProducerId at {addr}"))));
         match r {
             Err(e) if e.is_retriable() && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(backoff(

@@ -28,6 +28,8 @@ use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage, PartitionRef,
 const FORWARDED: &str = "x-runnel-forwarded";
 /// How long a topic admin call waits for its effects to become visible on this node.
 const ADMIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a forwarded call may take (the leader itself may wait up to [`ADMIN_WAIT`]).
+const FORWARD_WAIT: Duration = Duration::from_secs(15);
 /// How long a node waits to learn a topic another node already knows.
 const TOPIC_CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 /// Most unknown names one Metadata request waits to learn.
@@ -685,6 +687,20 @@ fn mark_forwarded<T>(msg: T) -> Request<T> {
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     r
+}
+
+/// A forwarded call, bounded: a leader that stopped (or vanished behind a black-holing network)
+/// must not hold the caller forever.
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    tokio::time::timeout(FORWARD_WAIT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "no answer from the leader within {FORWARD_WAIT:?}"
+            )))
+        })
 }
 
 fn forward_failed(s: Status) -> api::Error {
@@ -1357,9 +1373,11 @@ impl api::broker_server::Broker for Api {
             match s.forward_target(META_GROUP, fwd) {
                 Err(e) => return Ok(Response::new(fail(e))),
                 Ok(Some(ch)) => {
-                    let r = api::broker_client::BrokerClient::new(ch)
-                        .init_producer_id(mark_forwarded(api::InitProducerIdRequest {}))
-                        .await;
+                    let r = bounded(
+                        api::broker_client::BrokerClient::new(ch)
+                            .init_producer_id(mark_forwarded(api::InitProducerIdRequest {})),
+                    )
+                    .await;
                     return Ok(Response::new(match r {
                         Ok(r) => r.into_inner(),
                         Err(st) => fail(forward_failed(st)),
@@ -1431,9 +1449,10 @@ impl api::admin_server::Admin for Api {
                 topic: None,
             })),
             Ok(Some(ch)) => Ok(Response::new(
-                match api::admin_client::AdminClient::new(ch)
-                    .create_topic(mark_forwarded(r))
-                    .await
+                match bounded(
+                    api::admin_client::AdminClient::new(ch).create_topic(mark_forwarded(r)),
+                )
+                .await
                 {
                     Ok(r) => r.into_inner(),
                     Err(st) => api::CreateTopicResponse {
@@ -1460,9 +1479,10 @@ impl api::admin_server::Admin for Api {
         match s.forward_target(META_GROUP, fwd) {
             Err(e) => Ok(Response::new(api::DeleteTopicResponse { error: Some(e) })),
             Ok(Some(ch)) => Ok(Response::new(
-                match api::admin_client::AdminClient::new(ch)
-                    .delete_topic(mark_forwarded(r))
-                    .await
+                match bounded(
+                    api::admin_client::AdminClient::new(ch).delete_topic(mark_forwarded(r)),
+                )
+                .await
                 {
                     Ok(r) => r.into_inner(),
                     Err(st) => api::DeleteTopicResponse {
@@ -1630,9 +1650,10 @@ impl api::admin_server::Admin for Api {
                 error: Some(e),
             })),
             Ok(Some(ch)) => Ok(Response::new(
-                match api::admin_client::AdminClient::new(ch)
-                    .transfer_leader(mark_forwarded(r))
-                    .await
+                match bounded(
+                    api::admin_client::AdminClient::new(ch).transfer_leader(mark_forwarded(r)),
+                )
+                .await
                 {
                     Ok(r) => r.into_inner(),
                     Err(st) => api::TransferLeaderResponse {

@@ -30,6 +30,15 @@ async fn create_topic(client: &Client, name: &str, partitions: u32) {
         .unwrap();
 }
 
+/// Now, in ms since the epoch: records stamped now are safe from retention (7 days by default)
+/// while a test reads them back.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 async fn produce_all(
     client: &Client,
     topic: &str,
@@ -660,12 +669,7 @@ async fn a_node_with_a_lost_disk_is_replaced_under_a_new_id() {
     let mut cluster = Cluster::start(2);
     let client = cluster.client().await;
     create_topic(&client, "replace", 4).await;
-    // Current timestamps: retention (7 days by default) must not trim what this test reads.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let mut acked = produce_all(&client, "replace", 2000, now).await;
+    let mut acked = produce_all(&client, "replace", 2000, now_ms()).await;
 
     cluster.kill(3);
     std::fs::remove_dir_all(&cluster.nodes[2].data).unwrap();
@@ -808,4 +812,56 @@ async fn a_node_with_a_lost_disk_is_replaced_under_a_new_id() {
                 .collect();
         assert_eq!(&got, offs, "partition {p}");
     }
+}
+
+/// A node that stops answering without closing its sockets (SIGSTOP; a container cut off
+/// behind a port proxy looks the same) holds no client call forever: producer id, produce,
+/// consume and admin calls time out on it and go to the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_node_holds_no_client_call_forever() {
+    let cluster = Cluster::start(1);
+    cluster.wait_balanced().await; // node 1 leads the metadata group, node 2 group 1
+    let client = cluster.client().await;
+    create_topic(&client, "stall", 1).await;
+    produce_all(&client, "stall", 10, now_ms()).await;
+
+    // Node 1 is first in every node list and leads the metadata group.
+    cluster.signal(1, "STOP");
+    let cfg = runnel_client::ClientConfig {
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let work = async {
+        let c = Client::connect_with(cluster.bootstrap(), cfg)
+            .await
+            .unwrap();
+        let producer = c.producer(ProducerConfig {
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        });
+        for i in 0..10 {
+            producer
+                .send("stall", ProducerRecord::new(format!("late-{i}")))
+                .await
+                .unwrap()
+                .await
+                .expect("acknowledged without node 1");
+        }
+        producer.close().await;
+        let got = read_partition(&c, "stall", 0, StartFrom::Earliest, 20).await;
+        assert_eq!(got.len(), 20);
+        c.admin()
+            .create_topic("stall-2", TopicSpec::partitions(1))
+            .await
+            .expect("created without node 1");
+    };
+    // With 2 s call timeouts this takes about 9 s (a client that waits on the silent node
+    // instead takes 30 s and more).
+    let r = tokio::time::timeout(Duration::from_secs(25), work).await;
+    cluster.signal(1, "CONT");
+    assert!(
+        r.is_ok(),
+        "a call hung on the stopped node\n{}",
+        cluster.logs()
+    );
 }

@@ -25,17 +25,62 @@ pub struct Proc {
 /// Three `runneld` processes.
 pub struct Cluster {
     pub nodes: Vec<Proc>,
+    ports: Vec<PortLock>,
     nodes_arg: String,
     data_groups: u32,
     pub dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port for a node to listen on, reserved for this cluster's lifetime.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up), so the outgoing
+/// connections of concurrently running tests can never take one between this check and the
+/// node's bind; a lock file (created exclusively) keeps other test processes off it.
+struct PortLock {
+    port: u16,
+    path: PathBuf,
+}
+
+impl Drop for PortLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn free_port() -> PortLock {
+    use std::hash::{BuildHasher, Hasher};
+    let dir = std::env::temp_dir().join("runnel-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    for _ in 0..10_000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        let path = dir.join(port.to_string());
+        // A lock older than an hour belongs to a test that died without cleaning up.
+        if let Ok(m) = std::fs::metadata(&path) {
+            let stale = m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if stale {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .is_err()
+        {
+            continue;
+        }
+        let lock = PortLock { port, path };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return lock;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 impl Cluster {
@@ -49,17 +94,20 @@ impl Cluster {
     pub fn start_advertising(data_groups: u32, advertised: impl Fn(&Proc) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
+        let mut ports = Vec::new();
         for id in 1..=3u64 {
+            let (client, peer) = (free_port(), free_port());
             nodes.push(Proc {
                 id,
-                client: format!("127.0.0.1:{}", free_port()),
-                peer: format!("127.0.0.1:{}", free_port()),
+                client: format!("127.0.0.1:{}", client.port),
+                peer: format!("127.0.0.1:{}", peer.port),
                 data: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
                 nodes_arg: None,
                 join: false,
                 child: None,
             });
+            ports.extend([client, peer]);
         }
         // Settings no flag covers come from a config file; flags override it per node.
         let config = dir.path().join("runneld.toml");
@@ -75,6 +123,7 @@ impl Cluster {
             .join(",");
         let mut c = Cluster {
             nodes,
+            ports,
             nodes_arg,
             data_groups,
             dir,
@@ -205,10 +254,11 @@ impl Cluster {
     /// bootstrapping, listing `members` and itself; returns its id.
     pub fn start_joining_node(&mut self, members: &[u64]) -> u64 {
         let id = self.nodes.len() as u64 + 1;
+        let (client, peer) = (free_port(), free_port());
         let p = Proc {
             id,
-            client: format!("127.0.0.1:{}", free_port()),
-            peer: format!("127.0.0.1:{}", free_port()),
+            client: format!("127.0.0.1:{}", client.port),
+            peer: format!("127.0.0.1:{}", peer.port),
             data: self.dir.path().join(format!("node-{id}")),
             log: self.dir.path().join(format!("node-{id}.log")),
             nodes_arg: None,
@@ -227,6 +277,7 @@ impl Cluster {
             nodes_arg: Some(list),
             ..p
         });
+        self.ports.extend([client, peer]);
         self.spawn(id);
         id
     }
