@@ -7,7 +7,10 @@
 #     until it has caught up; restart the whole project (new containers, same volumes) and check
 #     that no record was lost; tear it down with its volumes.
 #  4. Up again: cut one node off the Compose network, keep producing through the other two,
-#     reconnect it and wait until every replica has converged; check every record; tear down.
+#     reconnect it and wait until every replica has converged; check every record.
+#  5. Node 3 loses its disk: a new node 4 joins (`--join`) and replaces it (`cluster
+#     replace-node`), as docs/DEPLOY.md says; with node 1 killed, nodes 2 and 4 take writes and
+#     serve every record. Tear down with the volumes.
 # Every wait is bounded; the project and its volumes are removed on any exit.
 # Env: E2E_SKIP_BUILD=1 reuses target/x86_64-unknown-linux-gnu/release and the image;
 # E2E_KEEP=1 leaves a failed run's project and work directory for inspection.
@@ -38,9 +41,9 @@ runnel="$bin/runnel"
 
 project="runnel-e2e-$$"
 network="${project}_runnel"
-read -r p1 p2 p3 < <(python3 -c '
+read -r p1 p2 p3 p4 < <(python3 -c '
 import socket
-s = [socket.socket() for _ in range(3)]
+s = [socket.socket() for _ in range(4)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(*[x.getsockname()[1] for x in s])')
 export RUNNEL_PORT_1=$p1 RUNNEL_PORT_2=$p2 RUNNEL_PORT_3=$p3 RUNNEL_HOST=127.0.0.1 RUNNEL_BIND=127.0.0.1
@@ -59,6 +62,7 @@ cleanup() {
         log "E2E_KEEP=1: leaving project $project up and $work in place"
         exit "$rc"
     fi
+    docker rm -f "${project}-runnel-4" >/dev/null 2>&1 || true
     C down -v --remove-orphans -t 10 >/dev/null 2>&1 || true
     rm -rf "$work"
     exit "$rc"
@@ -195,5 +199,26 @@ log "3000 records acknowledged through the other two; reconnecting node $cut"
 docker network connect --alias "runnel-$cut" "$network" "$(container "$cut")"
 until_ok 120 "node $cut to converge" status "$all" converged
 expect "$all" e2e-net 4000
+log "phase 2 passed"
+
+# docs/DEPLOY.md, "A node lost its disk": node 3's volume is gone; node 4 joins empty and
+# replaces it; then node 1 stops and nodes 2 and 4 carry the cluster.
+log "phase 3: node 3 lost its disk; node 4 replaces it"
+C rm -sf runnel-3 >/dev/null
+docker volume rm "${project}_runnel-3-data" >/dev/null
+new_name="${project}-runnel-4"
+C run -d --name "$new_name" --no-deps \
+    -e RUNNEL_NODE_ID=4 \
+    -e RUNNEL_NODES="1=runnel-1:9093/127.0.0.1:$p1,2=runnel-2:9093/127.0.0.1:$p2,4=$new_name:9093/127.0.0.1:$p4" \
+    -e RUNNEL_JOIN=true -p "127.0.0.1:$p4:9092" runnel-3 >/dev/null
+survivors="127.0.0.1:$p1,127.0.0.1:$p2,127.0.0.1:$p4"
+until_ok 60 "node 4 to answer" "$runnel" health --addr "127.0.0.1:$p4"
+timeout 300 "$runnel" -b "$survivors" cluster replace-node --old 3 --new 4 \
+    --peer "$new_name:9093" --client "127.0.0.1:$p4"
+until_ok 120 "node 4 to converge" status "$survivors" converged
+docker kill "$(container 1)" >/dev/null
+log "node 1 killed: nodes 2 and 4 must carry every group"
+produce "127.0.0.1:$p2,127.0.0.1:$p4" e2e-net 4001 5000
+expect "127.0.0.1:$p2,127.0.0.1:$p4" e2e-net 5000
 C down -v -t 10
-log "deploy e2e passed: compose up, 16 000 records, a killed node, a full restart, a partitioned node"
+log "deploy e2e passed: compose up, 17 000 records, a killed node, a full restart, a partitioned node, a replaced node"
