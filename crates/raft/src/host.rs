@@ -554,11 +554,11 @@ impl RaftHost {
             .map_err(|e| HostError::Raft(e.to_string()))
     }
 
-    /// Registers the peer addresses of `members` without initializing anything (a node that
-    /// joins an existing cluster waits to be added by the groups' leaders).
-    pub fn set_peers(&self, members: &BTreeMap<u64, NodeAddr>) {
+    /// Dials each of `members` at the given peer address from now on, whatever addresses Raft
+    /// membership records (the local configuration's view of the network wins).
+    pub fn pin_peers(&self, members: &BTreeMap<u64, NodeAddr>) {
         for (id, n) in members {
-            self.router.set_peer(*id, &n.addr);
+            self.router.pin_peer(*id, &n.addr);
         }
     }
 

@@ -41,6 +41,9 @@ struct Peer {
 #[derive(Clone, Default)]
 pub struct Router {
     peers: Arc<RwLock<HashMap<u64, Peer>>>,
+    /// Addresses this node was configured with; they win over the ones in Raft membership
+    /// (each node may reach a peer by its own route: NAT, a proxy).
+    pinned: Arc<RwLock<HashMap<u64, String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +62,22 @@ fn client(addr: &str) -> Result<RaftTransportClient<Channel>, Msg> {
 }
 
 impl Router {
-    /// Records (or updates) where `node` listens.
+    /// Dials `node` at `addr` from now on, whatever Raft membership says.
+    pub fn pin_peer(&self, node: u64, addr: &str) {
+        self.pinned
+            .write()
+            .expect("pinned lock")
+            .insert(node, addr.to_string());
+        self.connect(node, addr);
+    }
+
+    /// Records (or updates) where `node` listens, unless its address is pinned.
     pub fn set_peer(&self, node: u64, addr: &str) {
+        let pinned = self.pinned.read().expect("pinned lock").get(&node).cloned();
+        self.connect(node, pinned.as_deref().unwrap_or(addr));
+    }
+
+    fn connect(&self, node: u64, addr: &str) {
         if self
             .peers
             .read()
@@ -342,5 +359,26 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
     async fn new_client(&mut self, target: u64, node: &NodeAddr) -> Self::Network {
         self.router.set_peer(target, &node.addr);
         GroupNetworkAdapter::new(self.router.clone(), target, self.group_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr_of(r: &Router, node: u64) -> Option<String> {
+        r.peer(node).ok().map(|p| p.addr)
+    }
+
+    #[tokio::test]
+    async fn a_pinned_address_wins_over_membership() {
+        let r = Router::default();
+        r.set_peer(2, "127.0.0.1:1000");
+        assert_eq!(addr_of(&r, 2).as_deref(), Some("127.0.0.1:1000"));
+        r.pin_peer(2, "127.0.0.1:2000");
+        r.set_peer(2, "127.0.0.1:1000"); // what membership says
+        assert_eq!(addr_of(&r, 2).as_deref(), Some("127.0.0.1:2000"));
+        r.set_peer(3, "127.0.0.1:3000"); // not pinned: membership decides
+        assert_eq!(addr_of(&r, 3).as_deref(), Some("127.0.0.1:3000"));
     }
 }

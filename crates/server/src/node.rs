@@ -125,11 +125,12 @@ impl Node {
                 )
             })
             .collect();
+        // This node's configuration says how it reaches each peer (its own route: NAT, a
+        // proxy); that wins over the addresses Raft membership carries.
+        host.pin_peers(&members);
         for g in 0..=u64::from(cfg.cluster.data_groups) {
             host.open_group(g).await?;
-            if cfg.cluster.join {
-                host.set_peers(&members);
-            } else {
+            if !cfg.cluster.join {
                 host.initialize_group_with(g, &members).await?;
             }
         }

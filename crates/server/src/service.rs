@@ -102,19 +102,21 @@ impl Shared {
 
     /// The peer (internal) address of `node`, where forwarded calls go: it answers the
     /// client API too, and unlike an advertised client address it is reachable between nodes.
+    /// This node's configured route wins, as for Raft traffic; membership covers nodes added
+    /// later.
     fn peer_addr(&self, group: u64, node: u64) -> String {
-        self.host
-            .members(group)
-            .and_then(|m| m.get(&node).map(|n| n.addr.clone()))
-            .filter(|a| !a.is_empty())
+        self.cfg
+            .cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == node)
+            .map(|n| n.peer.clone())
             .or_else(|| {
-                self.cfg
-                    .cluster
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == node)
-                    .map(|n| n.peer.clone())
+                self.host
+                    .members(group)
+                    .and_then(|m| m.get(&node).map(|n| n.addr.clone()))
             })
+            .filter(|a| !a.is_empty())
             .unwrap_or_default()
     }
 
