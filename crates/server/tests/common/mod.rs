@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use runnel_client::{Client, api};
+use runnel_fault::ports::{PortLock, free_port};
 
 /// One node process.
 pub struct Proc {
@@ -29,58 +30,6 @@ pub struct Cluster {
     nodes_arg: String,
     data_groups: u32,
     pub dir: tempfile::TempDir,
-}
-
-/// A port for a node to listen on, reserved for this cluster's lifetime.
-///
-/// Ports come from below the kernel's ephemeral range (32768 and up), so the outgoing
-/// connections of concurrently running tests can never take one between this check and the
-/// node's bind; a lock file (created exclusively) keeps other test processes off it.
-struct PortLock {
-    port: u16,
-    path: PathBuf,
-}
-
-impl Drop for PortLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn free_port() -> PortLock {
-    use std::hash::{BuildHasher, Hasher};
-    let dir = std::env::temp_dir().join("runnel-test-ports");
-    std::fs::create_dir_all(&dir).unwrap();
-    for _ in 0..10_000 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20_000 + (h.finish() % 12_000) as u16;
-        let path = dir.join(port.to_string());
-        // A lock older than an hour belongs to a test that died without cleaning up.
-        if let Ok(m) = std::fs::metadata(&path) {
-            let stale = m
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(3600));
-            if stale {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        if std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .is_err()
-        {
-            continue;
-        }
-        let lock = PortLock { port, path };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return lock;
-        }
-    }
-    panic!("no free port in 20000..32000");
 }
 
 impl Cluster {

@@ -1,0 +1,404 @@
+//! Three `runneld` processes whose every link goes through a [`LinkProxy`] the harness owns:
+//! one per directed node-to-node link (node `a` dials node `b` through `peer_link(a, b)`) and
+//! one per node for clients (`client_link(n)`), which is also the client address every node
+//! advertises. Processes can be killed, terminated, paused, resumed and restarted, and a
+//! stopped node's newest files can be cut.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+
+use crate::ports::{PortLock, free_port};
+use crate::proxy::LinkProxy;
+
+/// Raft timing and background settings every harness node runs with.
+const CONFIG: &str = "\
+[raft]
+heartbeat_ms = 100
+election_timeout_min_ms = 1000
+election_timeout_max_ms = 2000
+
+[background]
+retention_check_ms = 0
+leader_balance_ms = 2000
+";
+
+/// One node process.
+#[derive(Debug)]
+pub struct Node {
+    /// Node id (1..=3).
+    pub id: u64,
+    /// Where its client listener really is.
+    pub client: SocketAddr,
+    /// Where its peer listener really is.
+    pub peer: SocketAddr,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// Its log file (stdout and stderr, appended across restarts).
+    pub log: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+/// What a file cut did, for the history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Surgery {
+    /// The file cut.
+    pub file: PathBuf,
+    /// Its length before.
+    pub len_before: u64,
+    /// Bytes removed from its end.
+    pub cut: u64,
+}
+
+/// Three proxied `runneld` processes.
+pub struct FaultCluster {
+    /// The nodes, index `id - 1`.
+    pub nodes: Vec<Node>,
+    peer_links: BTreeMap<(u64, u64), LinkProxy>,
+    client_links: BTreeMap<u64, LinkProxy>,
+    bin: PathBuf,
+    dir: PathBuf,
+    data_groups: u32,
+    _ports: Vec<PortLock>,
+}
+
+impl std::fmt::Debug for FaultCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultCluster")
+            .field("nodes", &self.nodes)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn bind_local() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a proxy port")
+}
+
+impl FaultCluster {
+    /// Starts three nodes of `bin` (a `runneld`) under `dir`, with `data_groups` data groups;
+    /// `seed` fixes the proxies' random resets. Must run inside a Tokio runtime.
+    pub fn start(bin: &Path, dir: &Path, data_groups: u32, seed: u64) -> FaultCluster {
+        std::fs::create_dir_all(dir).expect("cluster dir");
+        std::fs::write(dir.join("runneld.toml"), CONFIG).expect("config");
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            let (c, p) = (free_port(), free_port());
+            nodes.push(Node {
+                id,
+                client: SocketAddr::from(([127, 0, 0, 1], c.port)),
+                peer: SocketAddr::from(([127, 0, 0, 1], p.port)),
+                data: dir.join(format!("node-{id}")),
+                log: dir.join(format!("node-{id}.log")),
+                child: None,
+                stopped: false,
+            });
+            ports.extend([c, p]);
+        }
+        let mut peer_links = BTreeMap::new();
+        let mut client_links = BTreeMap::new();
+        for a in &nodes {
+            client_links.insert(
+                a.id,
+                LinkProxy::start(bind_local(), a.client, seed ^ (a.id << 8)),
+            );
+            for b in &nodes {
+                if a.id != b.id {
+                    let s = seed ^ (a.id << 16) ^ (b.id << 24);
+                    peer_links.insert((a.id, b.id), LinkProxy::start(bind_local(), b.peer, s));
+                }
+            }
+        }
+        let mut c = FaultCluster {
+            nodes,
+            peer_links,
+            client_links,
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            data_groups,
+            _ports: ports,
+        };
+        for id in 1..=3 {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// The client addresses (the client proxies) of every node.
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.client_links
+            .values()
+            .map(|l| l.addr().to_string())
+            .collect()
+    }
+
+    /// The link node `from` dials node `to` through.
+    pub fn peer_link(&self, from: u64, to: u64) -> &LinkProxy {
+        &self.peer_links[&(from, to)]
+    }
+
+    /// The link clients reach node `id` through.
+    pub fn client_link(&self, id: u64) -> &LinkProxy {
+        &self.client_links[&id]
+    }
+
+    /// Every link: node-to-node and client-to-node.
+    pub fn links(&self) -> impl Iterator<Item = &LinkProxy> {
+        self.peer_links.values().chain(self.client_links.values())
+    }
+
+    /// Heals every link.
+    pub fn heal_all(&self) {
+        for l in self.links() {
+            l.heal();
+        }
+    }
+
+    /// Cuts node `id` off from its peers, both ways (clients still reach it).
+    pub fn isolate_from_peers(&self, id: u64) {
+        for ((a, b), l) in &self.peer_links {
+            if *a == id || *b == id {
+                l.cut();
+            }
+        }
+    }
+
+    /// Cuts the links between `a` and `b`, both ways.
+    pub fn cut_between(&self, a: u64, b: u64) {
+        self.peer_link(a, b).cut();
+        self.peer_link(b, a).cut();
+    }
+
+    fn nodes_arg(&self, me: u64) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let peer = if n.id == me {
+                    n.peer.to_string()
+                } else {
+                    self.peer_links[&(me, n.id)].addr().to_string()
+                };
+                format!("{}={}/{}", n.id, peer, self.client_links[&n.id].addr())
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let nodes_arg = self.nodes_arg(id);
+        let config = self.dir.join("runneld.toml");
+        let groups = self.data_groups;
+        let n = &mut self.nodes[id as usize - 1];
+        assert!(n.child.is_none(), "node {id} already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("node log");
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&n.data)
+            .arg("--listen-client")
+            .arg(n.client.to_string())
+            .arg("--listen-peer")
+            .arg(n.peer.to_string())
+            .arg("--nodes")
+            .arg(nodes_arg)
+            .arg("--data-groups")
+            .arg(groups.to_string())
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn runneld");
+        n.child = Some(child);
+        n.stopped = false;
+    }
+
+    fn signal(&self, id: u64, sig: &str) {
+        if let Some(c) = self.nodes[id as usize - 1].child.as_ref() {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Whether node `id` has a process (running or paused).
+    pub fn is_up(&self, id: u64) -> bool {
+        self.nodes[id as usize - 1].child.is_some()
+    }
+
+    /// Whether node `id` is paused (SIGSTOP).
+    pub fn is_paused(&self, id: u64) -> bool {
+        self.nodes[id as usize - 1].stopped
+    }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let n = &mut self.nodes[id as usize - 1];
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        n.stopped = false;
+    }
+
+    /// SIGTERMs node `id` and waits (bounded) for it to exit; SIGKILLs it after `grace`.
+    /// Returns whether it exited by itself.
+    pub fn terminate(&mut self, id: u64, grace: Duration) -> bool {
+        if self.is_paused(id) {
+            self.resume(id);
+        }
+        self.signal(id, "TERM");
+        let n = &mut self.nodes[id as usize - 1];
+        let Some(mut c) = n.child.take() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// SIGSTOPs node `id`.
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, "STOP");
+        self.nodes[id as usize - 1].stopped = true;
+    }
+
+    /// SIGCONTs node `id`.
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, "CONT");
+        self.nodes[id as usize - 1].stopped = false;
+    }
+
+    /// Starts node `id` again on its data (no-op when it runs).
+    pub fn restart(&mut self, id: u64) {
+        if self.nodes[id as usize - 1].child.is_none() {
+            self.spawn(id);
+        }
+    }
+
+    /// Cuts the newest WAL file or the newest segment of node `id` (which must not run) by a
+    /// random length, as a crash in the middle of a write would; `None` when it has no file.
+    pub fn cut_newest_file(&self, id: u64, rng: &mut StdRng) -> Option<Surgery> {
+        assert!(!self.is_up(id), "file surgery on a running node");
+        let mut files = Vec::new();
+        collect(&self.nodes[id as usize - 1].data, &mut files);
+        // The newest WAL file of each group and the newest segment of each partition.
+        let mut newest: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+        for f in files {
+            let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let Some(parent) = f.parent() else { continue };
+            let in_checkpoint = f.components().any(|c| c.as_os_str() == "checkpoints");
+            if in_checkpoint || !(ext == "wal" || ext == "log") {
+                continue;
+            }
+            let e = newest
+                .entry(parent.to_path_buf())
+                .or_insert_with(|| f.clone());
+            if f > *e {
+                *e = f;
+            }
+        }
+        let candidates: Vec<PathBuf> = newest
+            .into_values()
+            .filter(|f| std::fs::metadata(f).map(|m| m.len() > 0).unwrap_or(false))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let file = candidates[rng.random_range(0..candidates.len())].clone();
+        // Files are preallocated: cut from the end of the data, not of the zeros after it.
+        let end = data_end(&file).ok()?;
+        if end == 0 {
+            return None;
+        }
+        let cut = rng.random_range(1..=end.min(64 * 1024));
+        let f = std::fs::OpenOptions::new().write(true).open(&file).ok()?;
+        f.set_len(end - cut).ok()?;
+        f.sync_all().ok()?;
+        Some(Surgery {
+            file,
+            len_before: end,
+            cut,
+        })
+    }
+
+    /// The last `lines` lines of every node's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            s += &format!("--- node {} ({}) ---\n", n.id, n.log.display());
+            for l in tail.into_iter().rev() {
+                s += l;
+                s += "\n";
+            }
+        }
+        s
+    }
+}
+
+/// Length of `file` without its trailing zero bytes.
+fn data_end(file: &Path) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file)?;
+    let mut end = f.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|b| *b != 0) {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+impl Drop for FaultCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
