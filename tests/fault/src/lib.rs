@@ -3,6 +3,10 @@
 //! faults (SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart); and file surgery on stopped nodes.
 //! The scenarios and the history checker build on these (docs/RELIABILITY.md).
 
+pub mod checker;
 pub mod cluster;
+pub mod history;
 pub mod ports;
 pub mod proxy;
+pub mod scenario;
+pub mod workload;
