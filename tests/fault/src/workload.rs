@@ -43,7 +43,20 @@ pub async fn produce(client: Client, index: u32, rec: Recorder, mut stop: watch:
     while !*stop.borrow() {
         let value = format!("p{index}-{seq:07}");
         seq += 1;
+        // Recorded at invoke as unknown, so a send cut short still appears in the history.
         let invoke = rec.now();
+        let at = rec.with(|h| {
+            h.sends.push(Send {
+                producer: index,
+                value: value.clone(),
+                invoke,
+                complete: invoke,
+                outcome: Outcome::Unknown,
+                acked_at: None,
+                error: Some("in flight".into()),
+            });
+            h.sends.len() - 1
+        });
         let r = match producer
             .send(TOPIC, ProducerRecord::new(value.clone()).key(value.clone()))
             .await
@@ -77,7 +90,7 @@ pub async fn produce(client: Client, index: u32, rec: Recorder, mut stop: watch:
             },
         };
         let failed = send.outcome != Outcome::Ok;
-        rec.with(|h| h.sends.push(send));
+        rec.with(|h| h.sends[at] = send);
         if failed {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -177,22 +190,29 @@ pub async fn consume(
                 if before.get(&p) == Some(&o) {
                     continue;
                 }
+                // Recorded at invoke as unknown: a consumer killed mid-commit leaves it so.
                 let invoke = rec.now();
+                let at = rec.with(|h| {
+                    h.commits.push(Commit {
+                        consumer: index,
+                        partition: p,
+                        offset: o,
+                        invoke,
+                        complete: invoke,
+                        outcome: Outcome::Unknown,
+                    });
+                    h.commits.len() - 1
+                });
                 let r = c.commit_offsets(TOPIC, &[(p, o)]).await;
                 let outcome = match &r {
                     Ok(()) => Outcome::Ok,
                     Err(e) if e.code() == Some(ErrorCode::OffsetConflict) => Outcome::Fail,
                     Err(_) => Outcome::Unknown,
                 };
+                let complete = rec.now();
                 rec.with(|h| {
-                    h.commits.push(Commit {
-                        consumer: index,
-                        partition: p,
-                        offset: o,
-                        invoke,
-                        complete: rec.now(),
-                        outcome,
-                    })
+                    h.commits[at].complete = complete;
+                    h.commits[at].outcome = outcome;
                 });
             }
         }
