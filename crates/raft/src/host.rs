@@ -75,6 +75,10 @@ pub struct HostConfig {
     pub partition_defaults: LogConfig,
     /// Group WAL settings.
     pub wal: WalConfig,
+    /// Open a group whose durable data is damaged by cutting at the damage and catching up
+    /// from the other replicas (not voting meanwhile), instead of refusing to start it.
+    /// Default true. A group whose only voter is this node is never repaired.
+    pub repair_from_replicas: bool,
 }
 
 impl HostConfig {
@@ -90,6 +94,7 @@ impl HostConfig {
             install_snapshot_timeout_ms: 600_000,
             partition_defaults: LogConfig::default(),
             wal: WalConfig::default(),
+            repair_from_replicas: true,
         }
     }
 
@@ -107,6 +112,40 @@ impl HostConfig {
         };
         c.validate().map_err(|e| HostError::Config(e.to_string()))
     }
+}
+
+/// Opens a group's WAL and state, repairing damage when `wal.repair` is set: a damaged
+/// checkpoint is dropped, and if the WAL can no longer rebuild the state from index 0 it is
+/// emptied too (keeping the vote), so the state comes back from a leader's snapshot.
+fn open_storage(
+    dir: &std::path::Path,
+    wal: WalConfig,
+    defaults: LogConfig,
+) -> Result<(Wal, Arc<GroupStore>), HostError> {
+    let repair = wal.repair;
+    let wal = Wal::open(dir.join("wal"), wal).map_err(std::io::Error::other)?;
+    if !repair {
+        return Ok((wal, GroupStore::open(dir, defaults)?));
+    }
+    let committed_before = wal
+        .recovery()
+        .repaired
+        .as_ref()
+        .and_then(|r| r.committed_before);
+    let committed = wal.read_committed().map(|c| c.index);
+    let (store, damage) = GroupStore::open_repairing(dir, defaults)?;
+    if let Some(d) = damage
+        && wal.purged().is_some()
+    {
+        let floor = [d.applied_index, committed_before, committed]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
+        wal.reset_keeping_vote(floor)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok((wal, store))
 }
 
 /// A host-level failure.
@@ -194,6 +233,8 @@ pub struct GroupMetrics {
     pub high_watermarks: BTreeMap<u64, u64>,
     /// On the leader: the last log index each replica is known to hold (None: not yet known).
     pub replication: BTreeMap<u64, Option<u64>>,
+    /// This replica lost durable data and is re-replicating it: it does not vote or lead.
+    pub catching_up: bool,
 }
 
 /// A node's Raft groups and transport.
@@ -278,25 +319,53 @@ impl RaftHost {
             return Ok(());
         }
         let dir = self.cfg.data_dir.join("groups").join(group_id.to_string());
-        let wal_cfg = self.cfg.wal.clone();
-        let wal_dir = dir.join("wal");
-        let wal = tokio::task::spawn_blocking(move || Wal::open(wal_dir, wal_cfg))
-            .await
-            .map_err(|e| HostError::Raft(e.to_string()))?
-            .map_err(std::io::Error::other)?;
-        let store = GroupStore::open(&dir, self.cfg.partition_defaults.clone())?;
+        let repair = self.cfg.repair_from_replicas;
+        let wal_cfg = WalConfig {
+            repair,
+            ..self.cfg.wal.clone()
+        };
+        let (wal, store) = {
+            let (dir, defaults) = (dir.clone(), self.cfg.partition_defaults.clone());
+            tokio::task::spawn_blocking(move || open_storage(&dir, wal_cfg, defaults))
+                .await
+                .map_err(|e| HostError::Raft(e.to_string()))??
+        };
+        let floor = wal.catch_up_floor().map_err(std::io::Error::other)?;
         let sm = StateMachine::new(Arc::clone(&store));
         let network = GroupNetwork::new(self.router.clone(), group_id);
         let log = LogStore::new(wal);
-        let raft = openraft::Raft::new(
-            self.cfg.node_id,
-            Arc::clone(&self.raft_config),
-            network,
-            log.clone(),
-            sm,
-        )
-        .await
-        .map_err(|e| HostError::Raft(e.to_string()))?;
+        // A replica that lost entries must not resume a leadership its saved vote records.
+        let config = match floor {
+            None => Arc::clone(&self.raft_config),
+            Some(_) => Arc::new(openraft::Config {
+                enable_leader_restore: Some(false),
+                ..(*self.raft_config).clone()
+            }),
+        };
+        let raft = openraft::Raft::new(self.cfg.node_id, config, network, log.clone(), sm)
+            .await
+            .map_err(|e| HostError::Raft(e.to_string()))?;
+        let catch_up = match floor {
+            None => crate::repair::CatchUp::default(),
+            Some(floor) => {
+                let m = raft.metrics().borrow_watched().clone();
+                let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                if voters == [self.cfg.node_id] {
+                    raft.shutdown().await.ok();
+                    return Err(HostError::Io(std::io::Error::other(format!(
+                        "group {group_id}: durable data was damaged and this node is the group's \
+                         only voter, so no replica can restore it (see the error above)"
+                    ))));
+                }
+                crate::repair::start(
+                    group_id,
+                    raft.clone(),
+                    log.clone(),
+                    self.router.clone(),
+                    floor,
+                )
+            }
+        };
         // Serve nothing until the state machine has re-applied everything this node knew to be
         // committed before it stopped: a restart must never show an older high watermark.
         if let Some(committed) = log.wal().read_committed().map(|p| p.index) {
@@ -320,8 +389,15 @@ impl RaftHost {
                 }
             }
         }
-        self.registry
-            .insert(group_id, GroupEntry { raft, store, log });
+        self.registry.insert(
+            group_id,
+            GroupEntry {
+                raft,
+                store,
+                log,
+                catch_up,
+            },
+        );
         tracing::info!(node = self.cfg.node_id, group = group_id, "group started");
         Ok(())
     }
@@ -460,6 +536,7 @@ impl RaftHost {
             voters,
             learners,
             ready: m.state == ServerState::Leader && applied_term == Some(m.current_term),
+            catching_up: g.catch_up.active(),
             high_watermarks: g
                 .store
                 .partitions()

@@ -9,6 +9,7 @@ mod codec;
 pub mod host;
 pub mod log_store;
 pub mod network;
+mod repair;
 pub mod state_machine;
 mod transport;
 pub mod types;

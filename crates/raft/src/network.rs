@@ -300,6 +300,26 @@ impl GroupRouter<TypeConfig, u64> for Router {
 }
 
 impl Router {
+    /// Tells `target` (the group's leader) that `node`'s log of `group_id` went back.
+    pub(crate) async fn announce_reverted(
+        &self,
+        target: u64,
+        group_id: u64,
+        node: u64,
+    ) -> Result<(), String> {
+        let mut peer = self.peer(target).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(pb::RevertedRequest {
+            group_id,
+            node_id: node,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        peer.rpc
+            .reverted(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
     async fn send_vote(
         &self,
         target: u64,

@@ -45,6 +45,15 @@ fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// A checkpoint found damaged at open and dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointDamage {
+    /// What was wrong.
+    pub reason: String,
+    /// The applied index the damaged checkpoint recorded, if its manifest was readable.
+    pub applied_index: Option<u64>,
+}
+
 /// A checkpoint on disk: the snapshot data openraft moves around.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -102,6 +111,8 @@ pub struct GroupStore {
     checkpoint_seq: AtomicU64,
     /// CRC-32C of immutable checkpoint files by (partition, file name, length).
     crc_cache: Mutex<HashMap<(u64, String, u64), u32>>,
+    /// A damaged checkpoint dropped at open.
+    damage: Option<CheckpointDamage>,
 }
 
 impl std::fmt::Debug for GroupStore {
@@ -116,6 +127,24 @@ impl GroupStore {
     /// Opens the group's state from its current checkpoint (or empty), with `defaults` for the
     /// sizes and retention a partition spec leaves at 0.
     pub fn open(dir: &Path, defaults: LogConfig) -> io::Result<Arc<Self>> {
+        Self::open_inner(dir, defaults, false).map(|(s, _)| s)
+    }
+
+    /// Opens like [`GroupStore::open`], but a damaged checkpoint (a file cut or missing, a bad
+    /// manifest) is reported and dropped instead of refused: the store opens empty and must be
+    /// rebuilt from a replica. Returns what was damaged, if anything.
+    pub fn open_repairing(
+        dir: &Path,
+        defaults: LogConfig,
+    ) -> io::Result<(Arc<Self>, Option<CheckpointDamage>)> {
+        Self::open_inner(dir, defaults, true)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        defaults: LogConfig,
+        repair: bool,
+    ) -> io::Result<(Arc<Self>, Option<CheckpointDamage>)> {
         std::fs::create_dir_all(dir.join("partitions"))?;
         std::fs::create_dir_all(dir.join("checkpoints"))?;
         let store = GroupStore {
@@ -124,6 +153,7 @@ impl GroupStore {
             state: Mutex::default(),
             checkpoint_seq: AtomicU64::new(0),
             crc_cache: Mutex::default(),
+            damage: None,
         };
         // Nothing can be receiving or building a checkpoint yet: drop what a crash left of one.
         for e in std::fs::read_dir(dir.join("checkpoints"))? {
@@ -133,19 +163,48 @@ impl GroupStore {
                 std::fs::remove_dir_all(e.path())?;
             }
         }
-        match store.current_checkpoint()? {
-            Some(ck) => {
-                let state = store.restore(&ck)?;
-                *store.state.lock().expect("state lock") = state;
-            }
-            None => {
+        let mut store = store;
+        let restored = store
+            .current_checkpoint()
+            .and_then(|ck| ck.map(|ck| store.restore(&ck)).transpose());
+        match restored {
+            Ok(Some(state)) => *store.state.lock().expect("state lock") = state,
+            Ok(None) => {
                 // No checkpoint: openraft replays the whole log, which recreates every partition.
                 let parts = dir.join("partitions");
                 std::fs::remove_dir_all(&parts)?;
                 std::fs::create_dir_all(&parts)?;
             }
+            Err(e) if !repair => return Err(e),
+            Err(e) => {
+                let d = CheckpointDamage {
+                    reason: e.to_string(),
+                    applied_index: store.checkpoint_applied_index(),
+                };
+                tracing::error!(dir = %dir.display(), reason = %d.reason, applied = ?d.applied_index,
+                    "the group's checkpoint is damaged: dropping it; the state must come back from a replica");
+                for sub in ["partitions", "checkpoints"] {
+                    std::fs::remove_dir_all(dir.join(sub))?;
+                    std::fs::create_dir_all(dir.join(sub))?;
+                }
+                fsutil::fsync_dir(dir).map_err(other)?;
+                store.damage = Some(d);
+            }
         }
-        Ok(Arc::new(store))
+        let damage = store.damage.clone();
+        Ok((Arc::new(store), damage))
+    }
+
+    /// The damaged checkpoint dropped when this store was opened, if any.
+    pub fn damage_at_open(&self) -> Option<&CheckpointDamage> {
+        self.damage.as_ref()
+    }
+
+    /// The applied index the current checkpoint's manifest records, if it can be read.
+    fn checkpoint_applied_index(&self) -> Option<u64> {
+        let ck = self.current_checkpoint().ok()??;
+        let s = pb::StateMachineState::decode(&ck.manifest.state[..]).ok()?;
+        s.last_applied.map(|l| l.index)
     }
 
     fn partition_dir(&self, id: u64) -> PathBuf {

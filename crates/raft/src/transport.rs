@@ -29,6 +29,8 @@ pub(crate) struct GroupEntry {
     pub(crate) raft: Raft,
     pub(crate) store: Arc<GroupStore>,
     pub(crate) log: crate::log_store::LogStore,
+    /// Set while the replica catches up after a repair: it must not vote.
+    pub(crate) catch_up: crate::repair::CatchUp,
 }
 
 /// The groups this node hosts, by id.
@@ -89,6 +91,14 @@ impl RaftTransport for TransportService {
         let g = self.registry.group(r.group_id)?;
         let vote =
             codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?).map_err(bad)?;
+        if g.catch_up.active() {
+            // Lost entries are not back yet: refuse without touching the local vote.
+            return Ok(Response::new(pb::VoteResponse {
+                vote: Some(codec::vote_to(&vote)),
+                vote_granted: false,
+                last_log_id: None,
+            }));
+        }
         let rpc = VoteRequest {
             vote,
             last_log_id: codec::opt_log_id_from(&r.last_log_id).map_err(bad)?,
@@ -113,6 +123,7 @@ impl RaftTransport for TransportService {
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let r = req.into_inner();
         let g = self.registry.group(r.group_id)?;
+        g.catch_up.check_announced(r.vote.as_ref())?;
         let rpc = AppendEntriesRequest {
             vote: codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?)
                 .map_err(bad)?,
@@ -152,6 +163,7 @@ impl RaftTransport for TransportService {
             return Err(bad("a snapshot stream must begin with its start chunk"));
         };
         let g = self.registry.group(start.group_id)?;
+        g.catch_up.check_announced(start.vote.as_ref())?;
         let manifest = Manifest::decode(&start.manifest).map_err(bad)?;
         let dir = g.store.incoming_dir(&manifest.id).map_err(fatal)?;
         let result = receive_files(&dir, &manifest, &mut stream).await;
@@ -185,6 +197,14 @@ impl RaftTransport for TransportService {
         }))
     }
 
+    async fn reverted(
+        &self,
+        req: Request<pb::RevertedRequest>,
+    ) -> Result<Response<pb::RevertedResponse>, Status> {
+        self.reverted_impl(req.into_inner()).await?;
+        Ok(Response::new(pb::RevertedResponse {}))
+    }
+
     async fn transfer_leader(
         &self,
         req: Request<pb::TransferLeaderRequest>,
@@ -197,6 +217,11 @@ impl RaftTransport for TransportService {
                 .ok_or_else(|| bad("from_leader missing"))?,
         )
         .map_err(bad)?;
+        if g.catch_up.active() {
+            return Err(Status::failed_precondition(
+                "this replica is catching up after a repair and cannot lead yet",
+            ));
+        }
         let rpc = TransferLeaderRequest::new(
             from,
             r.to_node_id,
@@ -205,6 +230,24 @@ impl RaftTransport for TransportService {
         match g.raft.handle_transfer_leader(rpc).await.map_err(fatal)? {
             Ok(()) => Ok(Response::new(pb::TransferLeaderResponse {})),
             Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+}
+
+impl TransportService {
+    async fn reverted_impl(&self, r: pb::RevertedRequest) -> Result<(), Status> {
+        let g = self.registry.group(r.group_id)?;
+        match g.raft.trigger().allow_next_revert(&r.node_id, true).await {
+            Ok(Ok(())) => {
+                tracing::warn!(
+                    group = r.group_id,
+                    node = r.node_id,
+                    "replica reports a repaired (shorter) log: replicating to it from scratch"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(fatal(e)),
         }
     }
 }

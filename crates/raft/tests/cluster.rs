@@ -188,8 +188,26 @@ impl Cluster {
     }
 
     async fn restart(&self, id: u64) {
+        self.restart_with(id, &config).await;
+    }
+
+    async fn restart_with(&self, id: u64, cfg: &dyn Fn(u64, &std::path::Path) -> HostConfig) {
         let n = self.nodes.iter().find(|n| n.id == id).unwrap().clone();
-        let h = start_host(id, &n.dir, &n.addr, &self.groups, &config).await;
+        let h = start_host(id, &n.dir, &n.addr, &self.groups, cfg).await;
+        // As runneld does with its configured peers.
+        let peers = self
+            .nodes
+            .iter()
+            .filter(|p| p.id != id)
+            .map(|p| {
+                let a = runnel_raft::NodeAddr {
+                    addr: p.addr.clone(),
+                    client_addr: String::new(),
+                };
+                (p.id, a)
+            })
+            .collect();
+        h.pin_peers(&peers);
         self.live.lock().unwrap().insert(id, h);
     }
 
@@ -720,5 +738,278 @@ async fn unknown_group_and_malformed_requests_get_typed_errors() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     // The group is unharmed.
     c.write(1, create(1)).await;
+    c.shutdown().await;
+}
+
+/// Cuts the newest file with extension `ext` under `dir` to half of its data (files may be
+/// preallocated: trailing zeros are not data). Returns the file.
+fn cut_newest_in_half(dir: &std::path::Path, ext: &str) -> PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    files.sort();
+    let newest = files.pop().unwrap();
+    let bytes = std::fs::read(&newest).unwrap();
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+    assert!(
+        end > 64,
+        "{} holds too little data ({end} bytes)",
+        newest.display()
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
+    f.set_len(end as u64 / 2).unwrap();
+    f.sync_all().unwrap();
+    newest
+}
+
+/// A follower whose WAL (and, with `cut_segment`, its newest partition segment, which its
+/// checkpoint shares) lost committed data opens, refuses to vote while it lacks entries a
+/// quorum may have counted on it for, then re-replicates and ends identical to the others.
+async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
+    let cfg = |id: u64, dir: &std::path::Path| {
+        let mut c = config(id, dir);
+        c.snapshot_every_entries = 30;
+        c.log_entries_kept = 5;
+        c
+    };
+    let c = Cluster::start_with(&[1], &cfg).await;
+    c.write(1, create(6)).await;
+    for i in 0..60 {
+        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+    }
+    let leader = c.leader(1).await;
+    let victim = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    let other = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader && *id != victim)
+        .unwrap();
+    c.converge(1).await;
+    let vdir = c
+        .nodes
+        .iter()
+        .find(|n| n.id == victim)
+        .unwrap()
+        .dir
+        .join("groups/1");
+    for id in [victim, leader, other] {
+        c.stop(id).await;
+    }
+    cut_newest_in_half(&vdir.join("wal"), "wal");
+    if cut_segment {
+        cut_newest_in_half(&vdir.join("partitions/p6"), "log");
+    }
+    // Without repair the damage is refused.
+    let l = TcpListener::bind(&c.nodes.iter().find(|n| n.id == victim).unwrap().addr)
+        .await
+        .unwrap();
+    let mut strict = cfg(
+        victim,
+        &c.nodes.iter().find(|n| n.id == victim).unwrap().dir,
+    );
+    strict.repair_from_replicas = false;
+    let h = RaftHost::start(strict, l).await.unwrap();
+    let err = h.open_group(1).await.unwrap_err().to_string();
+    assert!(
+        err.contains("corrupt") || err.contains("damaged") || err.contains("missing"),
+        "{err}"
+    );
+    h.shutdown().await;
+    drop(h);
+    // The repaired node and one healthy node: the healthy one cannot win the repaired one's
+    // vote, so no leader for many election timeouts (400–800 ms each).
+    c.restart_with(victim, &cfg).await;
+    let vh = c.host(victim);
+    let rec = vh.wal_recovery(1).unwrap();
+    assert_eq!(
+        rec.repaired
+            .as_ref()
+            .and_then(|r| r.committed_before)
+            .map(|i| i > 50),
+        Some(true),
+        "{rec:?}"
+    );
+    let damage = vh.store(1).unwrap().damage_at_open().cloned();
+    assert_eq!(damage.is_some(), cut_segment, "{damage:?}");
+    c.restart_with(other, &cfg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        for h in c.running() {
+            let m = h.metrics(1).unwrap();
+            assert!(
+                m.leader.is_none() || m.term == 0 || !m.ready,
+                "elected without the repaired node's lost entries: {m:?}"
+            );
+        }
+        assert!(c.host(victim).metrics(1).unwrap().catching_up);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The third node returns: a leader with every entry, the repaired node catches up.
+    c.restart_with(leader, &cfg).await;
+    for i in 60..70 {
+        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+    }
+    c.converge(1).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while vh.metrics(1).unwrap().catching_up {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never caught up: {:?}",
+            vh.metrics(1)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let digests: BTreeSet<_> = c
+        .running()
+        .iter()
+        .map(|h| h.store(1).unwrap().digest(6).unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    assert_eq!(values(&vh, 1, 6).len(), 140);
+    // Caught up, it votes again: with the old leader gone, it and the other elect a leader.
+    let old = c.leader(1).await;
+    c.stop(old).await;
+    for i in 70..75 {
+        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+    }
+    c.converge(1).await;
+    assert_eq!(values(&c.host(victim), 1, 6).len(), 150);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_with_a_wal_cut_below_committed_repairs_from_the_others() {
+    damaged_follower_repairs_from_the_others(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_with_a_cut_wal_and_segment_repairs_from_the_others() {
+    damaged_follower_repairs_from_the_others(true).await;
+}
+
+/// The scenario-12 shape: the leader stays up while a follower's WAL and newest segment are
+/// cut below what it acknowledged. The leader must not take the shorter log for a bug (it
+/// would stop): the repaired follower tells it first, then re-replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_leader_re_replicates_to_a_follower_that_lost_acknowledged_entries() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(6)).await;
+    for i in 0..40 {
+        c.write(1, plain(6, &format!("l{i}"), 2)).await;
+    }
+    let leader = c.leader(1).await;
+    let victim = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    c.converge(1).await;
+    c.stop(victim).await;
+    let vdir = c
+        .nodes
+        .iter()
+        .find(|n| n.id == victim)
+        .unwrap()
+        .dir
+        .join("groups/1");
+    cut_newest_in_half(&vdir.join("wal"), "wal");
+    c.restart(victim).await;
+    assert!(c.host(victim).wal_recovery(1).unwrap().repaired.is_some());
+    for i in 40..50 {
+        c.write(1, plain(6, &format!("l{i}"), 2)).await;
+    }
+    c.converge(1).await;
+    let vh = c.host(victim);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while vh.metrics(1).unwrap().catching_up {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never caught up: {:?}",
+            vh.metrics(1)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same leader served throughout: it never stopped over the shorter log.
+    assert_eq!(c.leader(1).await, leader);
+    let digests: BTreeSet<_> = c
+        .running()
+        .iter()
+        .map(|h| h.store(1).unwrap().digest(6).unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    assert_eq!(values(&vh, 1, 6).len(), 100);
+    c.shutdown().await;
+}
+
+/// A leader whose WAL loses acknowledged entries while it is down must not resume leading
+/// from its saved vote when it comes back (before the others time out): it would hand out
+/// indexes the others already hold with other entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
+    let slow = |id: u64, dir: &std::path::Path| {
+        let mut c = config(id, dir);
+        c.election_timeout_ms = (3000, 4000); // room to restart before the others campaign
+        c
+    };
+    let c = Cluster::start_with(&[1], &slow).await;
+    c.write(1, create(6)).await;
+    for i in 0..40 {
+        c.write(1, plain(6, &format!("v{i}"), 2)).await;
+    }
+    c.converge(1).await;
+    let leader = c.leader(1).await;
+    let term = c.host(leader).metrics(1).unwrap().term;
+    c.stop(leader).await;
+    let ldir = c
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .dir
+        .join("groups/1");
+    cut_newest_in_half(&ldir.join("wal"), "wal");
+    c.restart_with(leader, &slow).await;
+    let m = c.host(leader).metrics(1).unwrap();
+    assert!(m.catching_up, "{m:?}");
+    assert!(
+        !(m.leader == Some(leader) && m.term == term),
+        "resumed leading: {m:?}"
+    );
+    for i in 40..50 {
+        c.write(1, plain(6, &format!("v{i}"), 2)).await;
+    }
+    assert_ne!(c.leader(1).await, leader);
+    c.converge(1).await;
+    let lh = c.host(leader);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lh.metrics(1).unwrap().catching_up {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never caught up: {:?}",
+            lh.metrics(1)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let digests: BTreeSet<_> = c
+        .running()
+        .iter()
+        .map(|h| h.store(1).unwrap().digest(6).unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    for h in c.running() {
+        assert_eq!(values(&h, 1, 6).len(), 100);
+    }
     c.shutdown().await;
 }

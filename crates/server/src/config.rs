@@ -93,6 +93,9 @@ pub struct RaftSettings {
     pub snapshot_every_entries: u64,
     /// Entries kept behind a checkpoint for slightly lagging followers.
     pub log_entries_kept: u64,
+    /// On damaged durable data (a cut WAL, a broken checkpoint), cut at the damage and catch up
+    /// from the other replicas without voting meanwhile, instead of refusing to start.
+    pub repair_from_replicas: bool,
 }
 
 /// Topic defaults.
@@ -201,6 +204,7 @@ impl Default for RaftSettings {
             election_timeout_max_ms: 2000,
             snapshot_every_entries: 20_000,
             log_entries_kept: 1000,
+            repair_from_replicas: true,
         }
     }
 }

@@ -99,6 +99,7 @@ impl Node {
         );
         hcfg.snapshot_every_entries = cfg.raft.snapshot_every_entries;
         hcfg.log_entries_kept = cfg.raft.log_entries_kept;
+        hcfg.repair_from_replicas = cfg.raft.repair_from_replicas;
         hcfg.partition_defaults = LogConfig {
             segment_bytes: cfg.topic_defaults.segment_bytes,
             ..LogConfig::default()

@@ -219,7 +219,6 @@ async fn fault_11_flaky_network() {
 /// Open bug (docs/RELIABILITY.md, bug 3): a cut below the durable point of a follower's WAL makes
 /// it refuse to start (fail-stop, reported) instead of repairing from a healthy replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open bug 3 in docs/RELIABILITY.md: fail-stop instead of repair after durable data is cut"]
 async fn fault_12_file_surgery() {
     scenarios::once(runnel_fault::scenario::Scenario::Surgery).await;
 }

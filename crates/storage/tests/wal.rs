@@ -493,3 +493,116 @@ fn missing_committed_entries_are_corruption() {
     let err = Wal::open(dir.path(), cfg(1 << 20)).unwrap_err();
     assert!(err.is_corruption(), "{err}");
 }
+
+fn repairing(file_bytes: u64) -> WalConfig {
+    WalConfig {
+        repair: true,
+        ..cfg(file_bytes)
+    }
+}
+
+/// 100 entries over several files, committed up to 99.
+fn committed_wal(dir: &Path) {
+    let wal = Wal::open(dir, cfg(2048)).unwrap();
+    for i in 0..100 {
+        wal.append_durable(&[entry(i, 1, 40)]).unwrap();
+    }
+    wal.save_vote(b"vote-7").unwrap();
+    wal.save_committed(LogPosition {
+        leader_node: 0,
+        index: 99,
+        term: 1,
+    })
+    .unwrap();
+}
+
+#[test]
+fn repair_cuts_at_the_first_damage_and_keeps_a_floor_until_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_wal(dir.path());
+    let files = wal_files(dir.path());
+    assert!(files.len() > 2, "{files:?}");
+    flip(&files[1], 60);
+    let wal = Wal::open(dir.path(), repairing(2048)).unwrap();
+    let r = wal.recovery().repaired.clone().expect("repaired");
+    assert_eq!(r.path, files[1]);
+    assert_eq!(r.committed_before, Some(99));
+    // The first file survives whole; nothing from the damaged record on.
+    let first_lost = r.first_lost;
+    assert!(first_lost > 0 && first_lost < 100, "{r:?}");
+    assert_eq!(wal.last().unwrap().index, first_lost - 1);
+    assert_eq!(
+        wal.read(0, first_lost, 1 << 20).unwrap().len() as u64,
+        first_lost
+    );
+    assert_eq!(wal_files(dir.path()).len(), 2);
+    // The vote stays; what was known committed is forgotten; the floor remembers it.
+    assert_eq!(wal.read_vote().as_deref(), Some(&b"vote-7"[..]));
+    assert_eq!(wal.read_committed(), None);
+    assert_eq!(wal.catch_up_floor().unwrap(), Some(99));
+    // The floor survives a restart (the cut log is no longer damaged).
+    drop(wal);
+    let wal = Wal::open(dir.path(), repairing(2048)).unwrap();
+    assert_eq!(wal.recovery().repaired, None);
+    assert_eq!(wal.catch_up_floor().unwrap(), Some(99));
+    // Re-replicated entries append after the cut as usual.
+    wal.append_durable(&[entry(first_lost, 2, 40)]).unwrap();
+    wal.set_catch_up_floor(None).unwrap();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
+    assert_eq!(wal.catch_up_floor().unwrap(), None);
+    assert_eq!(wal.last().unwrap().index, first_lost);
+}
+
+#[test]
+fn repair_of_a_tail_cut_below_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_wal(dir.path());
+    let last = wal_files(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&last).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&last).unwrap();
+    f.set_len(len - 100).unwrap();
+    drop(f);
+    // Without repair: corruption, and the files are left as they are.
+    assert!(
+        Wal::open(dir.path(), cfg(2048))
+            .unwrap_err()
+            .is_corruption()
+    );
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), len - 100);
+    let wal = Wal::open(dir.path(), repairing(2048)).unwrap();
+    let r = wal.recovery().repaired.clone().expect("repaired");
+    assert_eq!(wal.last().unwrap().index, r.first_lost - 1);
+    assert!(r.first_lost < 100);
+    assert_eq!(wal.catch_up_floor().unwrap(), Some(99));
+}
+
+#[test]
+fn repair_of_missing_files_and_a_reset_keep_the_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_wal(dir.path());
+    for f in wal_files(dir.path()) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let wal = Wal::open(dir.path(), repairing(2048)).unwrap();
+    assert!(wal.recovery().repaired.is_some());
+    assert_eq!(wal.last(), None);
+    assert_eq!(wal.read_vote().as_deref(), Some(&b"vote-7"[..]));
+    wal.append_durable(&[entry(0, 3, 40), entry(1, 3, 40)])
+        .unwrap();
+    wal.purge_upto(LogPosition {
+        leader_node: 0,
+        index: 0,
+        term: 3,
+    })
+    .unwrap();
+    wal.reset_keeping_vote(120).unwrap();
+    assert_eq!(wal.last(), None);
+    assert_eq!(wal.purged(), None);
+    assert_eq!(wal.catch_up_floor().unwrap(), Some(120));
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(2048)).unwrap();
+    assert_eq!(wal.last(), None);
+    assert_eq!(wal.read_vote().as_deref(), Some(&b"vote-7"[..]));
+    wal.append_durable(&[entry(0, 4, 40)]).unwrap();
+}

@@ -56,6 +56,9 @@ pub struct WalConfig {
     pub entry_bytes_max: usize,
     /// When callbacks complete; see [`PersistMode`].
     pub persist: PersistMode,
+    /// On damage to durable data, cut the log at the first damage instead of refusing to open
+    /// (see [`WalRepair`]). Only safe when a replica can supply what was cut. Default false.
+    pub repair: bool,
 }
 
 impl Default for WalConfig {
@@ -64,6 +67,7 @@ impl Default for WalConfig {
             file_bytes: 64 << 20,
             entry_bytes_max: crate::batch::BATCH_BYTES_MAX + (1 << 20),
             persist: PersistMode::Fsync,
+            repair: false,
         }
     }
 }
@@ -111,6 +115,25 @@ pub struct WalRecovery {
     pub cut_at: Option<(PathBuf, u64)>,
     /// Files removed because a purge had covered them.
     pub files_purged: usize,
+    /// Damage to durable data that was cut (only with [`WalConfig::repair`]).
+    pub repaired: Option<WalRepair>,
+}
+
+/// Durable WAL data found damaged and cut at open.
+///
+/// The entries from `first_lost` on are gone from this replica although a quorum may have
+/// acknowledged them with its help: the node must not vote until it has them back (see
+/// [`Wal::catch_up_floor`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRepair {
+    /// The file where the damage was found.
+    pub path: PathBuf,
+    /// Index of the first entry that is no longer readable.
+    pub first_lost: u64,
+    /// The committed index saved before the repair.
+    pub committed_before: Option<u64>,
+    /// What was wrong.
+    pub reason: String,
 }
 
 struct WalFile {
@@ -211,8 +234,15 @@ impl Wal {
     ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        let meta = MetaFile::open(&dir)?;
+        let mut meta = MetaFile::open(&dir)?;
         let (files, recovery) = recover(&dir, &config, meta.state())?;
+        if recovery.repaired.is_some() {
+            // What this replica knew committed is no longer all here: forget it, so the Raft
+            // layer learns the commit point from the leader again.
+            let mut m = meta.state().clone();
+            m.committed = None;
+            meta.save(m)?;
+        }
         let state = State {
             files,
             meta,
@@ -541,6 +571,43 @@ impl Wal {
         self.save_meta(|m| m.committed = Some(committed))
     }
 
+    /// The catch-up floor of a repaired replica: while set, the replica lacks entries a quorum
+    /// may have counted on it for, and must not vote until it has re-replicated past this
+    /// committed index (and the leader's commit point). `None` for a healthy replica.
+    pub fn catch_up_floor(&self) -> Result<Option<u64>> {
+        read_catch_up_floor(&self.shared.dir)
+    }
+
+    /// Sets (durably) or clears the catch-up floor.
+    pub fn set_catch_up_floor(&self, floor: Option<u64>) -> Result<()> {
+        let _st = self.lock();
+        write_catch_up_floor(&self.shared.dir, floor)
+    }
+
+    /// Drops every entry and the purge and committed positions, keeping only the vote: for a
+    /// replica whose state machine was lost and must be rebuilt from a leader's snapshot.
+    /// Sets the catch-up floor to at least `floor` first.
+    pub fn reset_keeping_vote(&self, floor: u64) -> Result<()> {
+        let sh = &*self.shared;
+        sh.poison.check()?;
+        let mut st = self.lock();
+        let floor = read_catch_up_floor(&sh.dir)?.unwrap_or(0).max(floor);
+        write_catch_up_floor(&sh.dir, Some(floor))?;
+        // Files first, then the meta: a crash in between leaves no files and the old purge
+        // point, which recovery turns into an empty log again.
+        for f in st.files.drain(..) {
+            std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+        }
+        fsutil::fsync_dir(&sh.dir)?;
+        let mut m = st.meta.state().clone();
+        m.committed = None;
+        m.purged = None;
+        st.meta.save(m)?;
+        st.files.push(create_file(&sh.dir, 0)?);
+        fsutil::fsync_dir(&sh.dir)?;
+        Ok(())
+    }
+
     /// The last saved committed position.
     pub fn read_committed(&self) -> Option<LogPosition> {
         self.lock().meta.state().committed
@@ -806,7 +873,33 @@ fn create_file(dir: &Path, first_index: u64) -> Result<WalFile> {
     })
 }
 
-/// Scans every WAL file, cutting a torn tail of the last one and refusing anything else bad.
+/// File in the WAL directory holding the catch-up floor while a repaired replica catches up.
+const CATCH_UP_FILE: &str = "CATCH_UP";
+
+fn read_catch_up_floor(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(CATCH_UP_FILE);
+    match std::fs::read_to_string(&path) {
+        // Unreadable content still means "catching up"; 0 asks only for the leader's commit.
+        Ok(s) => Ok(Some(s.trim().parse().unwrap_or(0))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io("read", &path, e)),
+    }
+}
+
+fn write_catch_up_floor(dir: &Path, floor: Option<u64>) -> Result<()> {
+    let path = dir.join(CATCH_UP_FILE);
+    match floor {
+        Some(f) => fsutil::write_atomic(&path, format!("{f}\n").as_bytes()),
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => fsutil::fsync_dir(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("unlink", &path, e)),
+        },
+    }
+}
+
+/// Scans every WAL file, cutting a torn tail of the last one and refusing anything else bad
+/// (or, with [`WalConfig::repair`], cutting the log at the first damage).
 fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFile>, WalRecovery)> {
     let mut report = WalRecovery::default();
     let mut names = Vec::new();
@@ -821,30 +914,64 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
     }
     names.sort_unstable();
     let committed = meta.committed.map(|c| c.index);
+    // Damage to durable data: refused, or with `repair` cut after a durable note of the floor.
+    let damage = |report: &mut WalRecovery,
+                  path: &Path,
+                  pos: usize,
+                  first_lost: u64,
+                  reason: String| {
+        if !config.repair {
+            return Err(StorageError::Corruption {
+                path: path.to_path_buf(),
+                position: pos as u64,
+                reason,
+            });
+        }
+        let floor = read_catch_up_floor(dir)?
+            .unwrap_or(0)
+            .max(committed.unwrap_or(0));
+        write_catch_up_floor(dir, Some(floor))?;
+        tracing::error!(path = %path.display(), position = pos, first_lost, ?committed, %reason,
+            "durable WAL data is damaged: cutting the log there; the entries must come back from a replica");
+        report.repaired = Some(WalRepair {
+            path: path.to_path_buf(),
+            first_lost,
+            committed_before: committed,
+            reason,
+        });
+        Ok(())
+    };
     let mut files: Vec<WalFile> = Vec::with_capacity(names.len());
+    let mut cut_rest = false;
     for (i, &first) in names.iter().enumerate() {
         let path = wal_path(dir, first);
+        if cut_rest {
+            std::fs::remove_file(&path).ctx("unlink", &path)?;
+            continue;
+        }
         let is_last = i + 1 == names.len();
-        let corrupt = |position: usize, reason: String| StorageError::Corruption {
-            path: path.clone(),
-            position: position as u64,
-            reason,
-        };
         let bytes = std::fs::read(&path).ctx("read", &path)?;
         // Files get their header under a temp name, so a real name always has a whole one.
-        if bytes.len() < FILE_HEADER_LEN || bytes[..FILE_HEADER_LEN] != file_header(first) {
-            return Err(corrupt(0, "bad WAL file header".into()));
-        }
-        if let Some(prev) = files.last()
-            && prev.next_index() != first
-        {
-            return Err(corrupt(
-                0,
-                format!(
-                    "file starts at {first}, previous ends at {}",
-                    prev.next_index()
-                ),
-            ));
+        let whole_problem =
+            if bytes.len() < FILE_HEADER_LEN || bytes[..FILE_HEADER_LEN] != file_header(first) {
+                Some("bad WAL file header".to_string())
+            } else {
+                files
+                    .last()
+                    .filter(|prev| prev.next_index() != first)
+                    .map(|prev| {
+                        format!(
+                            "file starts at {first}, previous ends at {}",
+                            prev.next_index()
+                        )
+                    })
+            };
+        if let Some(reason) = whole_problem {
+            let first_lost = files.last().map_or(first, |f| f.next_index());
+            damage(&mut report, &path, 0, first_lost, reason)?;
+            std::fs::remove_file(&path).ctx("unlink", &path)?;
+            cut_rest = true;
+            continue;
         }
         let scan = scan_records(&bytes, FILE_HEADER_LEN, first, config.entry_bytes_max);
         let pos = scan.valid_len;
@@ -853,17 +980,17 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
             let index = first + entries.len() as u64;
             let durable = committed.is_some_and(|c| index <= c);
             if !is_last || durable {
-                return Err(corrupt(
-                    pos,
-                    format!(
-                        "record {index}: {why} (committed index {committed:?}, last file: {is_last})"
-                    ),
-                ));
+                let reason = format!(
+                    "record {index}: {why} (committed index {committed:?}, last file: {is_last})"
+                );
+                damage(&mut report, &path, pos, index, reason)?;
+                cut_rest = true;
+            } else {
+                report.torn_bytes_cut += (bytes.len() - pos) as u64;
+                report.cut_at = Some((path.clone(), pos as u64));
+                tracing::warn!(path = %path.display(), position = pos, bytes = bytes.len() - pos,
+                    %why, "cutting torn WAL tail");
             }
-            report.torn_bytes_cut += (bytes.len() - pos) as u64;
-            report.cut_at = Some((path.clone(), pos as u64));
-            tracing::warn!(path = %path.display(), position = pos, bytes = bytes.len() - pos,
-                %why, "cutting torn WAL tail");
         }
         if pos < bytes.len() {
             // A torn tail, or zeros after the last record (size grew, data did not): drop it.
@@ -887,6 +1014,9 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
             entries,
         });
     }
+    if cut_rest {
+        fsutil::fsync_dir(dir)?;
+    }
     // Drop files a purge covered but did not get to delete before a crash.
     if let Some(p) = meta.purged {
         while !files.is_empty() && files[0].next_index() <= p.index + 1 {
@@ -897,11 +1027,13 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
         if let Some(f) = files.first()
             && f.first_index > p.index + 1
         {
-            return Err(StorageError::Corruption {
-                path: f.path.clone(),
-                position: 0,
-                reason: format!("entries after the purge point {} are missing", p.index),
-            });
+            let path = f.path.clone();
+            let reason = format!("entries after the purge point {} are missing", p.index);
+            damage(&mut report, &path, 0, p.index + 1, reason)?;
+            for f in files.drain(..) {
+                std::fs::remove_file(&f.path).ctx("unlink", &f.path)?;
+            }
+            fsutil::fsync_dir(dir)?;
         }
     }
     if files.is_empty() {
@@ -914,15 +1046,13 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
     if let Some(c) = meta.committed
         && c.index >= next
         && meta.purged.is_none_or(|p| p.index < c.index)
+        && report.repaired.is_none()
     {
-        return Err(StorageError::Corruption {
-            path: dir.to_path_buf(),
-            position: 0,
-            reason: format!(
-                "entries up to the committed index {} are missing (log ends before {next})",
-                c.index
-            ),
-        });
+        let reason = format!(
+            "entries up to the committed index {} are missing (log ends before {next})",
+            c.index
+        );
+        damage(&mut report, dir, 0, next, reason)?;
     }
     report.files = files.len();
     let first_readable = meta.purged.map_or(files[0].first_index, |p| {
