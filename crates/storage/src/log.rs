@@ -881,7 +881,7 @@ fn open_active(
                 }
             }
             let tail = &buf[cut..];
-            let torn = tail.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+            let torn = scan::data_end(tail);
             if torn > 0 {
                 report.torn_bytes_cut += torn as u64;
                 report.cut_at = Some((base, cut as u64));

@@ -758,7 +758,7 @@ pub fn scan_records(
                 entries.push((pos as u64, term));
                 pos += range.end;
             }
-            Err(RecordError::Zero) if buf[pos..].iter().all(|&b| b == 0) => break,
+            Err(RecordError::Zero) if crate::scan::data_end(&buf[pos..]) == 0 => break,
             Err(why) => {
                 stop = Some(format!("{why:?}"));
                 break;
