@@ -1,5 +1,6 @@
 //! `runnel`: the command-line tool for Runnel clusters.
 
+mod bench;
 mod local;
 
 use std::io::{BufRead, Write};
@@ -60,6 +61,8 @@ enum Cmd {
     },
     /// Run a local three-node cluster in this process (for development); Ctrl-C stops it.
     Local(local::LocalArgs),
+    /// Load a cluster: produce, consume or end-to-end throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match &cli.cmd {
         Cmd::Local(a) => local::run(a).await,
+        Cmd::Bench(a) => bench::run(&connect(&cli).await?, a.clone()).await,
         Cmd::Health { addr, timeout_ms } => {
             let addr = addr
                 .clone()
