@@ -183,8 +183,15 @@ impl GroupStore {
                 };
                 tracing::error!(dir = %dir.display(), reason = %d.reason, applied = ?d.applied_index,
                     "the group's checkpoint is damaged: dropping it; the state must come back from a replica");
+                // The checkpoints are kept aside as found; the live partitions are rebuilt.
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let aside = dir.join(format!("damaged-checkpoints-{ms}"));
+                std::fs::rename(dir.join("checkpoints"), &aside)?;
+                tracing::error!(kept = %aside.display(), "damaged checkpoints moved aside");
+                std::fs::remove_dir_all(dir.join("partitions"))?;
                 for sub in ["partitions", "checkpoints"] {
-                    std::fs::remove_dir_all(dir.join(sub))?;
                     std::fs::create_dir_all(dir.join(sub))?;
                 }
                 fsutil::fsync_dir(dir).map_err(other)?;

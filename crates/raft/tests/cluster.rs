@@ -842,6 +842,14 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
     );
     let damage = vh.store(1).unwrap().damage_at_open().cloned();
     assert_eq!(damage.is_some(), cut_segment, "{damage:?}");
+    // What was cut or dropped is kept aside, not deleted.
+    let kept = |d: &std::path::Path, prefix: &str| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(prefix))
+    };
+    assert!(kept(&vdir.join("wal"), "damaged-"));
+    assert_eq!(kept(&vdir, "damaged-checkpoints-"), cut_segment);
     c.restart_with(other, &cfg).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < deadline {

@@ -523,6 +523,7 @@ fn repair_cuts_at_the_first_damage_and_keeps_a_floor_until_cleared() {
     let files = wal_files(dir.path());
     assert!(files.len() > 2, "{files:?}");
     flip(&files[1], 60);
+    let third_before = std::fs::read(&files[2]).unwrap();
     let wal = Wal::open(dir.path(), repairing(2048)).unwrap();
     let r = wal.recovery().repaired.clone().expect("repaired");
     assert_eq!(r.path, files[1]);
@@ -536,6 +537,12 @@ fn repair_cuts_at_the_first_damage_and_keeps_a_floor_until_cleared() {
         first_lost
     );
     assert_eq!(wal_files(dir.path()).len(), 2);
+    // Every file was kept as found before the cut, the deleted third one included.
+    assert_eq!(wal_files(&r.quarantine).len(), files.len());
+    assert_eq!(
+        std::fs::read(r.quarantine.join(files[2].file_name().unwrap())).unwrap(),
+        third_before
+    );
     // The vote stays; what was known committed is forgotten; the floor remembers it.
     assert_eq!(wal.read_vote().as_deref(), Some(&b"vote-7"[..]));
     assert_eq!(wal.read_committed(), None);

@@ -134,6 +134,27 @@ pub struct WalRepair {
     pub committed_before: Option<u64>,
     /// What was wrong.
     pub reason: String,
+    /// Where copies of the WAL files, as found before the cut, were kept.
+    pub quarantine: PathBuf,
+}
+
+/// Copies every WAL file of `dir` into a new `damaged-<ms since epoch>` directory in it.
+fn quarantine_files(dir: &Path) -> Result<PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let q = dir.join(format!("damaged-{ms}"));
+    std::fs::create_dir_all(&q).ctx("create directory", &q)?;
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let path = entry.ctx("list", dir)?.path();
+        if path.is_file() {
+            let to = q.join(path.file_name().expect("file name"));
+            std::fs::copy(&path, &to).ctx("copy", &path)?;
+        }
+    }
+    fsutil::fsync_dir(&q)?;
+    fsutil::fsync_dir(dir)?;
+    Ok(q)
 }
 
 struct WalFile {
@@ -927,17 +948,24 @@ fn recover(dir: &Path, config: &WalConfig, meta: &WalMeta) -> Result<(Vec<WalFil
                 reason,
             });
         }
+        // Keep every file as found, so the cut can be examined (or undone by hand).
+        let quarantine = match &report.repaired {
+            Some(r) => r.quarantine.clone(),
+            None => quarantine_files(dir)?,
+        };
         let floor = read_catch_up_floor(dir)?
             .unwrap_or(0)
             .max(committed.unwrap_or(0));
         write_catch_up_floor(dir, Some(floor))?;
         tracing::error!(path = %path.display(), position = pos, first_lost, ?committed, %reason,
+            quarantine = %quarantine.display(),
             "durable WAL data is damaged: cutting the log there; the entries must come back from a replica");
         report.repaired = Some(WalRepair {
             path: path.to_path_buf(),
             first_lost,
             committed_before: committed,
             reason,
+            quarantine,
         });
         Ok(())
     };
