@@ -211,6 +211,45 @@ impl Cluster {
         self.live.lock().unwrap().insert(id, h);
     }
 
+    /// A node other than `not`.
+    fn other_than(&self, not: &[u64]) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.id)
+            .find(|id| !not.contains(id))
+            .unwrap()
+    }
+
+    /// Where node `id` keeps group `group`.
+    fn group_dir(&self, id: u64, group: u64) -> PathBuf {
+        let n = self.nodes.iter().find(|n| n.id == id).unwrap();
+        n.dir.join(format!("groups/{group}"))
+    }
+
+    /// Waits (bounded) until node `id` no longer catches up after a repair of `group`.
+    async fn wait_caught_up(&self, id: u64, group: u64) {
+        let h = self.host(id);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while h.metrics(group).unwrap().catching_up {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never caught up: {:?}",
+                h.metrics(group)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every running replica holds the same bytes of `partition`.
+    fn assert_identical(&self, group: u64, partition: u64) {
+        let digests: BTreeSet<_> = self
+            .running()
+            .iter()
+            .map(|h| h.store(group).unwrap().digest(partition).unwrap())
+            .collect();
+        assert_eq!(digests.len(), 1, "{digests:?}");
+    }
+
     async fn shutdown(self) {
         for h in self.running() {
             h.shutdown().await;
@@ -421,7 +460,7 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
     );
     // Leadership moves; the retry is still recognised.
     let old = c.leader(1).await;
-    let to = c.nodes.iter().map(|n| n.id).find(|id| *id != old).unwrap();
+    let to = c.other_than(&[old]);
     c.host(old).transfer_leader(1, to).await.unwrap();
     c.host(to)
         .wait_until(1, WAIT, "transfer", |m| m.ready)
@@ -565,12 +604,7 @@ async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
         c.write(1, plain(6, &format!("t{i}"), 2)).await;
     }
     let leader = c.leader(1).await;
-    let victim = c
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let victim = c.other_than(&[leader]);
     c.converge(1).await;
     c.stop(victim).await;
     // A crash mid-append: half a record after the last whole one.
@@ -633,12 +667,7 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
     .await
     .unwrap();
     // Node `victim` loses its disk; it comes back as node 4 (ids are never reused).
-    let victim = c
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let victim = c.other_than(&[leader]);
     c.stop(victim).await;
     std::fs::remove_dir_all(&c.nodes.iter().find(|n| n.id == victim).unwrap().dir).unwrap();
     let dir4 = c.tmp.path().join("n4");
@@ -783,26 +812,10 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
         c.write(1, plain(6, &format!("r{i}"), 2)).await;
     }
     let leader = c.leader(1).await;
-    let victim = c
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
-    let other = c
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader && *id != victim)
-        .unwrap();
+    let victim = c.other_than(&[leader]);
+    let other = c.other_than(&[leader, victim]);
     c.converge(1).await;
-    let vdir = c
-        .nodes
-        .iter()
-        .find(|n| n.id == victim)
-        .unwrap()
-        .dir
-        .join("groups/1");
+    let vdir = c.group_dir(victim, 1);
     for id in [victim, leader, other] {
         c.stop(id).await;
     }
@@ -869,21 +882,8 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
         c.write(1, plain(6, &format!("r{i}"), 2)).await;
     }
     c.converge(1).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while vh.metrics(1).unwrap().catching_up {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never caught up: {:?}",
-            vh.metrics(1)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let digests: BTreeSet<_> = c
-        .running()
-        .iter()
-        .map(|h| h.store(1).unwrap().digest(6).unwrap())
-        .collect();
-    assert_eq!(digests.len(), 1, "{digests:?}");
+    c.wait_caught_up(victim, 1).await;
+    c.assert_identical(1, 6);
     assert_eq!(values(&vh, 1, 6).len(), 140);
     // Caught up, it votes again: with the old leader gone, it and the other elect a leader.
     let old = c.leader(1).await;
@@ -917,21 +917,10 @@ async fn a_live_leader_re_replicates_to_a_follower_that_lost_acknowledged_entrie
         c.write(1, plain(6, &format!("l{i}"), 2)).await;
     }
     let leader = c.leader(1).await;
-    let victim = c
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .find(|id| *id != leader)
-        .unwrap();
+    let victim = c.other_than(&[leader]);
     c.converge(1).await;
     c.stop(victim).await;
-    let vdir = c
-        .nodes
-        .iter()
-        .find(|n| n.id == victim)
-        .unwrap()
-        .dir
-        .join("groups/1");
+    let vdir = c.group_dir(victim, 1);
     cut_newest_in_half(&vdir.join("wal"), "wal");
     c.restart(victim).await;
     assert!(c.host(victim).wal_recovery(1).unwrap().repaired.is_some());
@@ -940,23 +929,10 @@ async fn a_live_leader_re_replicates_to_a_follower_that_lost_acknowledged_entrie
     }
     c.converge(1).await;
     let vh = c.host(victim);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while vh.metrics(1).unwrap().catching_up {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never caught up: {:?}",
-            vh.metrics(1)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.wait_caught_up(victim, 1).await;
     // The same leader served throughout: it never stopped over the shorter log.
     assert_eq!(c.leader(1).await, leader);
-    let digests: BTreeSet<_> = c
-        .running()
-        .iter()
-        .map(|h| h.store(1).unwrap().digest(6).unwrap())
-        .collect();
-    assert_eq!(digests.len(), 1, "{digests:?}");
+    c.assert_identical(1, 6);
     assert_eq!(values(&vh, 1, 6).len(), 100);
     c.shutdown().await;
 }
@@ -980,13 +956,7 @@ async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
     let leader = c.leader(1).await;
     let term = c.host(leader).metrics(1).unwrap().term;
     c.stop(leader).await;
-    let ldir = c
-        .nodes
-        .iter()
-        .find(|n| n.id == leader)
-        .unwrap()
-        .dir
-        .join("groups/1");
+    let ldir = c.group_dir(leader, 1);
     cut_newest_in_half(&ldir.join("wal"), "wal");
     c.restart_with(leader, &slow).await;
     let m = c.host(leader).metrics(1).unwrap();
@@ -1000,22 +970,8 @@ async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
     }
     assert_ne!(c.leader(1).await, leader);
     c.converge(1).await;
-    let lh = c.host(leader);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while lh.metrics(1).unwrap().catching_up {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never caught up: {:?}",
-            lh.metrics(1)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let digests: BTreeSet<_> = c
-        .running()
-        .iter()
-        .map(|h| h.store(1).unwrap().digest(6).unwrap())
-        .collect();
-    assert_eq!(digests.len(), 1, "{digests:?}");
+    c.wait_caught_up(leader, 1).await;
+    c.assert_identical(1, 6);
     for h in c.running() {
         assert_eq!(values(&h, 1, 6).len(), 100);
     }
