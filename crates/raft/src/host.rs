@@ -233,7 +233,7 @@ pub struct GroupMetrics {
     pub high_watermarks: BTreeMap<u64, u64>,
     /// On the leader: the last log index each replica is known to hold (None: not yet known).
     pub replication: BTreeMap<u64, Option<u64>>,
-    /// This replica lost durable data and is re-replicating it: it does not vote or lead.
+    /// This replica lost durable data and is re-replicating it: it neither votes nor campaigns.
     pub catching_up: bool,
 }
 

@@ -3,12 +3,15 @@
 //! Raft counts a follower's acknowledgement as a promise that the entry survives on its disk.
 //! When a disk breaks that promise (a cut or corrupt WAL, a damaged checkpoint), the replica
 //! opens with what is left, but until it has the lost entries back its vote could elect a
-//! leader without them. So it neither campaigns nor grants votes (nor takes a leadership
-//! transfer) until its log is committed up to the higher of
+//! leader without them. So it neither campaigns nor grants votes until its log is committed up
+//! to the higher of
 //! - the committed index it had saved before the damage (the *floor*, kept durably in the WAL
 //!   directory so a second crash mid-repair does not forget it), and
 //! - the commit point reported by the first leader it accepts replication from (covering
 //!   entries a quorum counted with this replica's lost acknowledgement).
+//!
+//! A leadership transfer to it stays allowed: openraft starts that election only once the
+//! replica holds the leader's whole log, every committed entry included.
 //!
 //! A leader that once saw this replica hold entries it no longer has would take the shorter
 //! log for a bug and stop. So before the replica answers a leader's replication it tells that
@@ -45,7 +48,7 @@ struct Inner {
 pub(crate) struct CatchUp(Arc<Inner>);
 
 impl CatchUp {
-    /// True while the replica must not vote, campaign or take leadership.
+    /// True while the replica must not vote or campaign.
     pub(crate) fn active(&self) -> bool {
         self.0.active.load(Ordering::Acquire)
     }

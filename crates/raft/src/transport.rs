@@ -217,11 +217,9 @@ impl RaftTransport for TransportService {
                 .ok_or_else(|| bad("from_leader missing"))?,
         )
         .map_err(bad)?;
-        if g.catch_up.active() {
-            return Err(Status::failed_precondition(
-                "this replica is catching up after a repair and cannot lead yet",
-            ));
-        }
+        // No catch-up check here: openraft starts the transfer's election only once this
+        // replica holds the leader's whole log (`last_log_id`), so it has every committed
+        // entry; refusing would leave the old leader stopped until an election timeout.
         let rpc = TransferLeaderRequest::new(
             from,
             r.to_node_id,
