@@ -247,6 +247,17 @@ async fn long_every_scenario_three_seeds() {
     }
 }
 
+/// Seeds that once failed, at the length that found them (docs/RELIABILITY.md, bug 4: a
+/// restart overlapping the next kill stalled writes for 8.5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long tier: cargo nextest run -p runnel-server --test faults --run-ignored only"]
+async fn long_regression_seeds() {
+    use runnel_fault::scenario::Scenario;
+    for (s, seed, secs) in [(Scenario::KillRandom, 1_592_590_349, 300)] {
+        scenarios::run_seed(s, seed, Duration::from_secs(secs)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "long tier: cargo nextest run -p runnel-server --test faults --run-ignored only"]
 async fn long_soak_rotating_faults_30_minutes() {

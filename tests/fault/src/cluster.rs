@@ -343,6 +343,20 @@ impl FaultCluster {
         })
     }
 
+    /// Groups (by WAL directory) whose replica is still catching up after a repair: it lost
+    /// durable data and does not vote until it has it back (the `CATCH_UP` file).
+    pub fn catching_up(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for n in &self.nodes {
+            collect(&n.data, &mut files);
+        }
+        files
+            .into_iter()
+            .filter(|f| f.file_name().is_some_and(|n| n == "CATCH_UP"))
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .collect()
+    }
+
     /// The last `lines` lines of every node's log.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut s = String::new();

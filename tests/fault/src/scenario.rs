@@ -183,6 +183,23 @@ impl Nemesis<'_> {
         Some(l)
     }
 
+    /// Waits until no replica is catching up after a repair; panics (keeping the run) if one
+    /// is still at it after `limit` on a cluster with every node up.
+    async fn wait_caught_up(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = self.cluster.catching_up();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas still catching up after {limit:?}: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn other(&mut self, not: u64) -> u64 {
         let others: Vec<u64> = (1..=3).filter(|n| *n != not).collect();
         others[self.rng.random_range(0..others.len())]
@@ -335,6 +352,10 @@ impl Nemesis<'_> {
                 }
                 Scenario::Surgery => {
                     self.sleep_ms(2500, 4000).await;
+                    // A repaired replica is faulty until it has re-replicated what it lost:
+                    // damaging a second one first is two faults at once, beyond what three
+                    // replicas survive (the group would wait, rightly, for an operator).
+                    self.wait_caught_up(Duration::from_secs(30)).await;
                     let l = self.leader().await.unwrap_or(1);
                     let f = self.other(l);
                     self.kill(f, false);
