@@ -403,17 +403,14 @@ async fn produce_loop(
         if quota.is_some_and(|q| sent >= q) {
             break;
         }
-        // Due time: the schedule under a target rate (latency counts from here, so a stalled
-        // client or server cannot hide queueing), else now.
-        let due = if rate > 0.0 {
-            let due = start + Duration::from_secs_f64(sent as f64 / rate);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            due
-        } else {
-            Instant::now()
-        };
+        // Under a target rate the record is due on the schedule, and its latency counts from
+        // there, so a stalled client or server cannot hide queueing (open loop).
+        let scheduled = (rate > 0.0).then(|| start + Duration::from_secs_f64(sent as f64 / rate));
+        if let Some(due) = scheduled
+            && due > Instant::now()
+        {
+            tokio::time::sleep_until(due.into()).await;
+        }
         // Wait for a window slot while collecting acknowledgements as they come.
         let permit = loop {
             tokio::select! {
@@ -422,6 +419,9 @@ async fn produce_loop(
                 p = Arc::clone(&window).acquire_owned() => break p.expect("window semaphore"),
             }
         };
+        // Without a target rate (closed loop) a record is due once the window lets it go: the
+        // wait for the previous acknowledgements is not this record's latency.
+        let due = scheduled.unwrap_or_else(Instant::now);
         if e2e {
             value[..8].copy_from_slice(&wall_us().to_be_bytes());
         }

@@ -318,9 +318,24 @@ async fn run_partition(
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut size = approx_size(&batch[0].rec);
+        let full =
+            |size: usize, n: usize| size >= cfg.batch_max_bytes || n >= cfg.batch_max_records;
+        if cfg.linger.is_zero() {
+            // No linger: take what is already queued, without arming a timer (tokio's timer
+            // rounds up to the next millisecond, which would add ~1 ms to every batch).
+            while !full(size, batch.len()) {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        size += approx_size(&p.rec);
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
         let linger = tokio::time::sleep(cfg.linger);
         tokio::pin!(linger);
-        while size < cfg.batch_max_bytes && batch.len() < cfg.batch_max_records {
+        while !cfg.linger.is_zero() && !full(size, batch.len()) {
             tokio::select! {
                 biased;
                 p = rx.recv() => match p {

@@ -65,7 +65,12 @@ fn cpu_time() -> Option<Duration> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let a = Args::parse();
-    let client = async_nats::connect(a.servers.as_str()).await?;
+    let servers = a
+        .servers
+        .split(',')
+        .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = async_nats::connect(servers).await?;
     let js = jetstream::new(client);
     let stream = js
         .get_or_create_stream(stream::Config {
