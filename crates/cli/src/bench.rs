@@ -93,6 +93,9 @@ pub struct BenchArgs {
     /// Produce requests in flight per producer.
     #[arg(long, default_value_t = 64)]
     pub max_in_flight: usize,
+    /// Batches in flight per partition (idempotent producers; otherwise 1, to keep order).
+    #[arg(long, default_value_t = 5)]
+    pub max_in_flight_per_partition: usize,
     /// Target records per second over all producers (0: as fast as acknowledgements allow).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
@@ -261,6 +264,7 @@ pub async fn run(client: &Client, args: BenchArgs) -> anyhow::Result<()> {
                 batch_max_bytes: args.batch_bytes,
                 batch_max_records: args.batch_records,
                 max_in_flight: args.max_in_flight,
+                max_in_flight_per_partition: args.max_in_flight_per_partition,
                 ..Default::default()
             });
             let (stats, stop, args) = (Arc::clone(&stats), Arc::clone(&stop), args.clone());

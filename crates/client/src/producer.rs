@@ -1,9 +1,18 @@
 //! The producer: one worker task per partition batches records (linger / max size), stamps
-//! producer id and sequence, and sends one batch at a time to the partition's leader, retrying
-//! the same batch (same sequence) until it is acknowledged. The server's idempotence table
-//! turns a retry of a batch it already has into its original offsets, so retries never
-//! duplicate. A batch whose outcome stays unknown past `delivery_timeout` fails to the caller;
-//! the worker then takes a fresh producer id so later batches never depend on it.
+//! producer id and sequence, and sends batches to the partition's leader, retrying each batch
+//! (same sequence) until it is acknowledged. The server's idempotence table turns a retry of a
+//! batch it already has into its original offsets, so retries never duplicate.
+//!
+//! An idempotent worker keeps up to `max_in_flight_per_partition` batches in flight (Kafka's
+//! 5), so batching, replication and fsync of consecutive batches overlap. Order holds because
+//! the server appends a producer's batches only in sequence order: a batch that overtook its
+//! predecessor is refused `OUT_OF_ORDER_SEQUENCE`, waits for the predecessor's outcome, and is
+//! sent again once that one is in. A non-idempotent worker sends one batch at a time, since
+//! nothing could put overtaken batches back in order.
+//!
+//! A batch whose outcome stays unknown past `delivery_timeout` fails to the caller, and so does
+//! every batch in flight behind it; the worker then takes a fresh producer id so later batches
+//! never depend on it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,10 +23,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use runnel_proto::api::{self, ErrorCode};
 use runnel_proto::partitioner;
 use runnel_storage::batch::{BatchBuilder, BatchOptions};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 
 use crate::client::{Client, backoff};
 use crate::error::{Error, retriable_code};
@@ -35,6 +46,9 @@ pub struct ProducerConfig {
     pub batch_max_records: usize,
     /// Requests in flight across all partitions. Default 64.
     pub max_in_flight: usize,
+    /// Batches in flight per partition for an idempotent producer (a non-idempotent one sends
+    /// one at a time, to keep order). Default 5, as Kafka's.
+    pub max_in_flight_per_partition: usize,
     /// Records queued per partition before `send` waits. Default 100 000.
     pub queue_records: usize,
     /// How long a record may take, retries included, before it fails. Default 120 s.
@@ -53,6 +67,7 @@ impl Default for ProducerConfig {
             batch_max_bytes: 1 << 20,
             batch_max_records: 10_000,
             max_in_flight: 64,
+            max_in_flight_per_partition: 5,
             queue_records: 100_000,
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(20),
@@ -314,63 +329,165 @@ async fn run_partition(
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let cfg = shared.cfg.clone();
+    let limit = if cfg.idempotent {
+        cfg.max_in_flight_per_partition.max(1)
+    } else {
+        1
+    };
     let mut seq: Option<Sequencer> = None;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let mut size = approx_size(&batch[0].rec);
-        let full =
-            |size: usize, n: usize| size >= cfg.batch_max_bytes || n >= cfg.batch_max_records;
-        if cfg.linger.is_zero() {
-            // No linger: take what is already queued, without arming a timer (tokio's timer
-            // rounds up to the next millisecond, which would add ~1 ms to every batch).
-            while !full(size, batch.len()) {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        size += approx_size(&p.rec);
-                        batch.push(p);
+    // Batches in flight, completing in send order; each carries its records' acks.
+    let mut in_flight = FuturesOrdered::new();
+    // The outcome of the newest batch sent, which the next batch waits on if it overtakes it.
+    let mut last_outcome: Option<watch::Receiver<Outcome>> = None;
+    // A batch failed: send nothing more until every batch behind it has finished, then start
+    // over with a fresh producer id.
+    let mut broken = false;
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        if broken && in_flight.is_empty() {
+            seq = None;
+            last_outcome = None;
+            broken = false;
+        }
+        let can_send = open && !broken && in_flight.len() < limit;
+        tokio::select! {
+            biased;
+            Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let (batch, result): (Vec<Pending>, Result<(i64, bool), Error>) = (batch, result);
+                let n = batch.len();
+                match result {
+                    Ok((base, duplicate)) => {
+                        for (i, p) in batch.into_iter().enumerate() {
+                            let _ = p.ack.send(Ok(Delivery {
+                                partition,
+                                offset: base + i as i64,
+                                duplicate,
+                            }));
+                        }
                     }
-                    Err(_) => break,
-                }
-            }
-        }
-        let linger = tokio::time::sleep(cfg.linger);
-        tokio::pin!(linger);
-        while !cfg.linger.is_zero() && !full(size, batch.len()) {
-            tokio::select! {
-                biased;
-                p = rx.recv() => match p {
-                    Some(p) => {
-                        size += approx_size(&p.rec);
-                        batch.push(p);
+                    Err(e) => {
+                        for p in batch {
+                            let _ = p.ack.send(Err(e.clone()));
+                        }
+                        // The batch's sequence numbers may or may not be in the log: never
+                        // reuse them under this producer id.
+                        broken = true;
                     }
-                    None => break,
-                },
-                _ = &mut linger => break,
+                }
+                done(&shared, n);
+            }
+            first = rx.recv(), if can_send => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                let batch = collect_batch(&cfg, first, &mut rx).await;
+                let opts = match next_batch_options(&shared, &mut seq, batch.len()).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let n = batch.len();
+                        for p in batch {
+                            let _ = p.ack.send(Err(e.clone()));
+                        }
+                        done(&shared, n);
+                        continue;
+                    }
+                };
+                let (tx, rx_outcome) = watch::channel(Outcome::Pending);
+                let prev = last_outcome.replace(rx_outcome);
+                let shared = Arc::clone(&shared);
+                let topic = topic.clone();
+                in_flight.push_back(async move {
+                    let r = send_batch(&shared, &topic, partition, opts, prev, &batch).await;
+                    let _ = tx.send(match &r {
+                        Ok(_) => Outcome::Done,
+                        Err(e) => Outcome::Failed(e.clone()),
+                    });
+                    (batch, r)
+                });
             }
         }
-        let n = batch.len();
-        let result = send_batch(&shared, &topic, partition, &mut seq, &batch).await;
-        match result {
-            Ok((base, duplicate)) => {
-                for (i, p) in batch.into_iter().enumerate() {
-                    let _ = p.ack.send(Ok(Delivery {
-                        partition,
-                        offset: base + i as i64,
-                        duplicate,
-                    }));
-                }
-            }
-            Err(e) => {
-                for p in batch {
-                    let _ = p.ack.send(Err(e.clone()));
-                }
-                // The batch's sequence numbers may or may not be in the log: never reuse them
-                // under this producer id.
-                seq = None;
-            }
-        }
-        done(&shared, n);
     }
+}
+
+/// What became of a batch, as the batch behind it sees it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Pending,
+    Done,
+    Failed(Error),
+}
+
+/// Takes `first` and what else is queued for the partition, within the batch limits, waiting
+/// up to `linger` for more.
+async fn collect_batch(
+    cfg: &ProducerConfig,
+    first: Pending,
+    rx: &mut mpsc::Receiver<Pending>,
+) -> Vec<Pending> {
+    let mut batch = vec![first];
+    let mut size = approx_size(&batch[0].rec);
+    let full = |size: usize, n: usize| size >= cfg.batch_max_bytes || n >= cfg.batch_max_records;
+    if cfg.linger.is_zero() {
+        // No linger: take what is already queued, without arming a timer (tokio's timer rounds
+        // up to the next millisecond, which would add ~1 ms to every batch).
+        while !full(size, batch.len()) {
+            match rx.try_recv() {
+                Ok(p) => {
+                    size += approx_size(&p.rec);
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        return batch;
+    }
+    let linger = tokio::time::sleep(cfg.linger);
+    tokio::pin!(linger);
+    while !full(size, batch.len()) {
+        tokio::select! {
+            biased;
+            p = rx.recv() => match p {
+                Some(p) => {
+                    size += approx_size(&p.rec);
+                    batch.push(p);
+                }
+                None => break,
+            },
+            _ = &mut linger => break,
+        }
+    }
+    batch
+}
+
+/// The producer fields of the next batch of `n` records; takes a producer id when needed and
+/// advances the sequence past the batch.
+async fn next_batch_options(
+    shared: &Shared,
+    seq: &mut Option<Sequencer>,
+    n: usize,
+) -> Result<BatchOptions, Error> {
+    if !shared.cfg.idempotent {
+        return Ok(BatchOptions::default());
+    }
+    if seq.is_none() {
+        let (producer_id, epoch) = init_producer_id(shared).await?;
+        *seq = Some(Sequencer {
+            producer_id,
+            epoch,
+            next_seq: 0,
+        });
+    }
+    let s = seq.as_mut().expect("set above");
+    let opts = BatchOptions {
+        producer_id: s.producer_id,
+        producer_epoch: s.epoch,
+        base_sequence: s.next_seq,
+        ..BatchOptions::default()
+    };
+    // Sequences wrap at i32::MAX back to 0, as in Kafka.
+    s.next_seq = ((i64::from(s.next_seq) + n as i64) % (i64::from(i32::MAX) + 1)) as i32;
+    Ok(opts)
 }
 
 fn approx_size(r: &ProducerRecord) -> usize {
@@ -387,28 +504,12 @@ async fn send_batch(
     shared: &Shared,
     topic: &str,
     partition: u32,
-    seq: &mut Option<Sequencer>,
+    opts: BatchOptions,
+    mut prev: Option<watch::Receiver<Outcome>>,
     batch: &[Pending],
 ) -> Result<(i64, bool), Error> {
     let cfg = &shared.cfg;
     let deadline = tokio::time::Instant::now() + cfg.delivery_timeout;
-    if cfg.idempotent && seq.is_none() {
-        let (producer_id, epoch) = init_producer_id(shared).await?;
-        *seq = Some(Sequencer {
-            producer_id,
-            epoch,
-            next_seq: 0,
-        });
-    }
-    let opts = match seq.as_ref() {
-        Some(s) => BatchOptions {
-            producer_id: s.producer_id,
-            producer_epoch: s.epoch,
-            base_sequence: s.next_seq,
-            ..BatchOptions::default()
-        },
-        None => BatchOptions::default(),
-    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
@@ -454,16 +555,25 @@ async fn send_batch(
         .await;
         let wait = match r {
             Ok(resp) => match resp.error {
-                None => {
-                    if let Some(s) = seq.as_mut() {
-                        let n = batch.len() as i64;
-                        s.next_seq =
-                            ((i64::from(s.next_seq) + n) % (i64::from(i32::MAX) + 1)) as i32;
-                    }
-                    return Ok((resp.base_offset, resp.duplicate));
-                }
+                None => return Ok((resp.base_offset, resp.duplicate)),
                 Some(e) => {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::UnknownServerError);
+                    if code == ErrorCode::OutOfOrderSequence
+                        && let Some(mut p) = prev.take()
+                    {
+                        // This batch overtook the one before it. Once that one is in, send
+                        // again (at once, and only once more: a second refusal is real); if it
+                        // failed, this one fails with it.
+                        let outcome = p
+                            .wait_for(|o| !matches!(o, Outcome::Pending))
+                            .await
+                            .map(|o| o.clone())
+                            .unwrap_or(Outcome::Failed(Error::Closed));
+                        match outcome {
+                            Outcome::Failed(e) => return Err(e),
+                            _ => continue,
+                        }
+                    }
                     if !retriable_code(code) {
                         return Err(Error::from_api(&e));
                     }

@@ -191,6 +191,23 @@ pub enum WriteError {
     Unavailable(String),
 }
 
+/// A write queued in a group's Raft log; resolves once it is committed and applied.
+pub type Proposal =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Written, WriteError>> + Send>>;
+
+fn client_write_error(e: ClientWriteError<crate::types::TypeConfig>) -> WriteError {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => WriteError::NotLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.addr),
+        },
+        ClientWriteError::LogEntryDiscarded(f) => {
+            WriteError::Unknown(format!("leader changed to {:?}", f.leader_id))
+        }
+        e => WriteError::Unavailable(e.to_string()),
+    }
+}
+
 /// A committed and applied write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
@@ -501,17 +518,34 @@ impl RaftHost {
                 index: r.log_id.index,
                 result: r.data,
             }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => Err(
-                WriteError::Unknown(format!("leader changed to {:?}", f.leader_id)),
-            ),
+            Err(RaftError::APIError(e)) => Err(client_write_error(e)),
             Err(e) => Err(WriteError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Queues `cmd` in the group's Raft log, returning once its place in the log order is fixed
+    /// (behind every proposal queued before); the returned future resolves once it is applied.
+    pub async fn propose(&self, group_id: u64, cmd: pb::Command) -> Result<Proposal, WriteError> {
+        let g = self
+            .registry
+            .get(group_id)
+            .ok_or(WriteError::UnknownGroup(group_id))?;
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        g.raft
+            .write(Cmd(cmd))
+            .responder(responder)
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        Ok(Box::pin(async move {
+            match rx.await {
+                Ok(Ok(r)) => Ok(Written {
+                    index: r.log_id.index,
+                    result: r.data,
+                }),
+                Ok(Err(e)) => Err(client_write_error(e)),
+                Err(_) => Err(WriteError::Unknown("the group stopped".into())),
+            }
+        }))
     }
 
     /// The group's current metrics on this node.

@@ -14,7 +14,7 @@ pub mod state_machine;
 mod transport;
 pub mod types;
 
-pub use host::{GroupMetrics, HostConfig, HostError, RaftHost, WriteError, Written};
+pub use host::{GroupMetrics, HostConfig, HostError, Proposal, RaftHost, WriteError, Written};
 pub use log_store::LogStore;
 pub use state_machine::{Checkpoint, GroupStore, ReadError, StateMachine};
 pub use types::{ApplyError, ApplyResult, Cmd, NodeAddr, TypeConfig};

@@ -12,6 +12,7 @@ pub mod config;
 mod late;
 pub mod metadata;
 pub mod node;
+pub mod order;
 pub mod service;
 
 pub use config::Config;

@@ -20,9 +20,11 @@ use runnel_storage::StorageError;
 use runnel_storage::batch::{self, BatchBuilder, BatchOptions, RecordBatch};
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::config::{Config, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage, PartitionRef, Topic};
+use crate::order::{OrderKey, ProduceOrder};
 
 /// Metadata key marking a request one node forwarded to another (never forwarded again).
 const FORWARDED: &str = "x-runnel-forwarded";
@@ -66,6 +68,17 @@ pub struct Shared {
     channels: std::sync::Mutex<HashMap<String, tonic::transport::Channel>>,
     /// Becomes true when the node shuts down: long-polls and streams end early.
     stopping: watch::Receiver<bool>,
+    /// Keeps pipelined batches of idempotent producers in sequence order.
+    order: ProduceOrder,
+}
+
+/// Where a batch of an idempotent producer belongs in its sequence.
+#[derive(Debug, Clone, Copy)]
+struct Ordered {
+    key: OrderKey,
+    epoch: i32,
+    seq: i32,
+    count: i32,
 }
 
 impl Shared {
@@ -85,6 +98,7 @@ impl Shared {
             pids: Mutex::new((0, 0)),
             channels: std::sync::Mutex::default(),
             stopping,
+            order: ProduceOrder::default(),
         }
     }
 
@@ -465,7 +479,35 @@ impl Shared {
         cmd: pb::Command,
         timeout: Duration,
     ) -> Result<ApplyResult, api::Error> {
-        match tokio::time::timeout(timeout, self.host.write(group, cmd)).await {
+        self.write_ordered(group, cmd, timeout, None).await
+    }
+
+    /// [`Shared::write`] for a batch of an idempotent producer: it enters the log after the
+    /// producer's previous batch when that one is on its way (see [`crate::order`]).
+    async fn write_ordered(
+        &self,
+        group: u64,
+        cmd: pb::Command,
+        timeout: Duration,
+        order: Option<Ordered>,
+    ) -> Result<ApplyResult, api::Error> {
+        let write = async {
+            let Some(o) = order else {
+                return self.host.write(group, cmd).await;
+            };
+            self.order.wait_turn(o.key, o.epoch, o.seq).await;
+            match self.host.propose(group, cmd).await {
+                Ok(applied) => {
+                    self.order.proposed(o.key, o.epoch, o.seq, o.count);
+                    applied.await
+                }
+                Err(e) => {
+                    self.order.wake();
+                    Err(e)
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, write).await {
             Err(_) => Err(error(
                 ErrorCode::RequestTimedOut,
                 format!(
@@ -772,7 +814,7 @@ impl Api {
         let max_batch = limits
             .max_batch_bytes
             .min(t.settings.segment_bytes as usize);
-        let (batch, pid, epoch, seq) = if !r.batch.is_empty() {
+        let (batch, pid, epoch, seq, count) = if !r.batch.is_empty() {
             if r.batch.len() > max_batch {
                 return Ok(fail(
                     partition,
@@ -813,7 +855,7 @@ impl Api {
             } else {
                 (-1, i32::from(h.producer_epoch), h.base_sequence)
             };
-            (r.batch.clone(), pid, epoch, seq)
+            (r.batch.clone(), pid, epoch, seq, h.records_count as i32)
         } else {
             if r.records.len() > limits.max_records_per_produce {
                 return Ok(fail(
@@ -900,7 +942,7 @@ impl Api {
                     ),
                 ));
             }
-            (built, pid, epoch, seq)
+            (built, pid, epoch, seq, r.records.len() as i32)
         };
         let timeout = Duration::from_millis(if r.timeout_ms == 0 {
             limits.produce_timeout_ms
@@ -908,9 +950,21 @@ impl Api {
             u64::from(r.timeout_ms).min(limits.produce_timeout_ms)
         });
         let cmd = produce_command(p.partition_id, batch, pid, epoch, seq);
+        let order = (pid >= 0).then_some(Ordered {
+            key: OrderKey {
+                partition_id: p.partition_id,
+                producer_id: pid,
+            },
+            epoch,
+            seq,
+            count,
+        });
         let span = tracing::debug_span!("produce", topic = %r.topic, partition, group = p.group);
-        let _e = span.enter();
-        Ok(match s.write(p.group, cmd, timeout).await {
+        let written = s
+            .write_ordered(p.group, cmd, timeout, order)
+            .instrument(span)
+            .await;
+        Ok(match written {
             Ok(ApplyResult::Produced {
                 base_offset,
                 last_offset,

@@ -865,3 +865,38 @@ async fn a_silent_node_holds_no_client_call_forever() {
         cluster.logs()
     );
 }
+
+/// An idempotent producer with five small batches in flight on one partition: every record
+/// lands at the offset of its send order, exactly once, though the server runs each request as
+/// its own task (which alone would let batches overtake each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_batches_land_in_send_order() {
+    let cluster = Cluster::start(3);
+    let client = cluster.client().await;
+    create_topic(&client, "pipelined", 1).await;
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::ZERO,
+        batch_max_records: 8,
+        max_in_flight_per_partition: 5,
+        ..ProducerConfig::default()
+    });
+    const N: usize = 20_000;
+    let mut futs = Vec::with_capacity(N);
+    for i in 0..N {
+        let rec = ProducerRecord::new(format!("p{i:06}")).partition(0);
+        futs.push(producer.send("pipelined", rec).await.unwrap());
+    }
+    for (i, f) in futs.into_iter().enumerate() {
+        let d = f.await.expect("acknowledged");
+        assert_eq!(d.offset, i as i64, "record {i} out of send order");
+        assert!(!d.duplicate, "record {i}");
+    }
+    producer.close().await;
+    let read = read_partition(&client, "pipelined", 0, StartFrom::Earliest, N as i64).await;
+    let values: Vec<String> = read
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
+    let sent: Vec<String> = (0..N).map(|i| format!("p{i:06}")).collect();
+    assert_eq!(values, sent);
+}
