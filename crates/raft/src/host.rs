@@ -509,7 +509,18 @@ impl RaftHost {
     /// Proposes `cmd` to the group and waits until it is committed on a majority (each of which
     /// fdatasynced it) and applied here.
     pub async fn write(&self, group_id: u64, cmd: pb::Command) -> Result<Written, WriteError> {
-        self.propose(group_id, cmd).await?.await
+        let g = self
+            .registry
+            .get(group_id)
+            .ok_or(WriteError::UnknownGroup(group_id))?;
+        match g.raft.client_write(Cmd(cmd)).await {
+            Ok(r) => Ok(Written {
+                index: r.log_id.index,
+                result: r.data,
+            }),
+            Err(RaftError::APIError(e)) => Err(client_write_error(e)),
+            Err(e) => Err(WriteError::Unavailable(e.to_string())),
+        }
     }
 
     /// Queues `cmd` in the group's Raft log, returning once its place in the log order is fixed
