@@ -509,41 +509,48 @@ impl RaftHost {
     /// Proposes `cmd` to the group and waits until it is committed on a majority (each of which
     /// fdatasynced it) and applied here.
     pub async fn write(&self, group_id: u64, cmd: pb::Command) -> Result<Written, WriteError> {
-        let g = self
-            .registry
-            .get(group_id)
-            .ok_or(WriteError::UnknownGroup(group_id))?;
-        match g.raft.client_write(Cmd(cmd)).await {
-            Ok(r) => Ok(Written {
-                index: r.log_id.index,
-                result: r.data,
-            }),
-            Err(RaftError::APIError(e)) => Err(client_write_error(e)),
-            Err(e) => Err(WriteError::Unavailable(e.to_string())),
-        }
+        self.propose(group_id, cmd).await?.await
     }
 
     /// Queues `cmd` in the group's Raft log, returning once its place in the log order is fixed
-    /// (behind every proposal queued before); the returned future resolves once it is applied.
+    /// (behind every proposal queued before); the returned future resolves once it is applied,
+    /// or with [`WriteError::Unknown`] if the group stops first.
     pub async fn propose(&self, group_id: u64, cmd: pb::Command) -> Result<Proposal, WriteError> {
         let g = self
             .registry
             .get(group_id)
             .ok_or(WriteError::UnknownGroup(group_id))?;
         let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        let mut metrics = g.raft.metrics();
         g.raft
             .write(Cmd(cmd))
             .responder(responder)
             .await
             .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        // The answer normally comes through `rx`; a stopped core may never send or drop it, so
+        // the wait also ends when the core has stopped (its metrics sender is gone).
+        let stopped = async move {
+            while metrics.borrow_watched().running_state.is_ok() {
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
         Ok(Box::pin(async move {
-            match rx.await {
-                Ok(Ok(r)) => Ok(Written {
-                    index: r.log_id.index,
-                    result: r.data,
-                }),
-                Ok(Err(e)) => Err(client_write_error(e)),
-                Err(_) => Err(WriteError::Unknown("the group stopped".into())),
+            let stopped_first = || {
+                WriteError::Unknown("the group stopped before the write's outcome was known".into())
+            };
+            tokio::select! {
+                biased;
+                r = rx => match r {
+                    Ok(Ok(r)) => Ok(Written {
+                        index: r.log_id.index,
+                        result: r.data,
+                    }),
+                    Ok(Err(e)) => Err(client_write_error(e)),
+                    Err(_) => Err(stopped_first()),
+                },
+                () = stopped => Err(stopped_first()),
             }
         }))
     }

@@ -234,15 +234,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Recorded off openraft's path: its core would otherwise wait for an fdatasync before
+        // every apply. The WAL's committer makes it durable a moment later (after the entries it
+        // covers). Nothing depends on it being durable at once: a leader serves reads only after
+        // committing an entry of its own term, and a restart re-learns the rest from the leader.
         let Some(c) = committed else { return Ok(()) };
-        let s = self.clone();
-        blocking(move || {
-            // The WAL's contract: a saved committed entry is already durable here. A follower may
-            // learn of a commit before its own append is flushed, so flush first (usually a no-op).
-            s.inner.wal.flush().map_err(io_err)?;
-            s.inner.wal.save_committed(position(&c)).map_err(io_err)
-        })
-        .await
+        self.inner
+            .wal
+            .record_committed(position(&c))
+            .map_err(io_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

@@ -597,6 +597,28 @@ async fn leader_killed_mid_stream_loses_and_duplicates_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_that_cannot_commit_ends_when_its_leader_stops() {
+    let c = Cluster::start(&[1]).await;
+    c.write(1, create(7)).await;
+    let leader = c.leader(1).await;
+    let host = c.host(leader);
+    for id in [1, 2, 3] {
+        if id != leader {
+            c.stop(id).await;
+        }
+    }
+    // No quorum: the write is queued in the leader's log and can never commit.
+    let pending = host.propose(1, plain(7, "stranded", 1)).await.unwrap();
+    let pending = tokio::spawn(pending);
+    c.stop(leader).await;
+    let r = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the write ended once its group stopped")
+        .unwrap();
+    assert!(matches!(r, Err(WriteError::Unknown(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
     let c = Cluster::start(&[1]).await;
     c.write(1, create(6)).await;

@@ -54,8 +54,8 @@ fn ahead(seq: i32, next: i32) -> bool {
 }
 
 impl ProduceOrder {
-    /// Waits (at most [`ORDER_WAIT`]) until the batch `[seq, seq + count)` of `key` in `epoch`
-    /// is next, i.e. its predecessor was proposed here or is unknown.
+    /// Waits (at most [`ORDER_WAIT`]) until the batch starting at `seq` of `key` in `epoch` is
+    /// next, i.e. its predecessor was proposed here or is unknown.
     pub async fn wait_turn(&self, key: OrderKey, epoch: i32, seq: i32) {
         let deadline = tokio::time::Instant::now() + ORDER_WAIT;
         loop {

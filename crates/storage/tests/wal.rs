@@ -613,3 +613,86 @@ fn repair_of_missing_files_and_a_reset_keep_the_vote() {
     assert_eq!(wal.read_vote().as_deref(), Some(&b"vote-7"[..]));
     wal.append_durable(&[entry(0, 4, 40)]).unwrap();
 }
+
+fn pos(index: u64) -> LogPosition {
+    LogPosition {
+        leader_node: 0,
+        index,
+        term: 1,
+    }
+}
+
+#[test]
+fn a_recorded_committed_index_is_saved_only_after_its_entries_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let syncer = Arc::new(GatedSyncer::default());
+    let wal = Wal::open_with_syncer(dir.path(), cfg(1 << 20), syncer.clone()).unwrap();
+    // The gate is closed: the entries are written, not durable.
+    wal.append(&[entry(0, 1, 10), entry(1, 1, 10)], None)
+        .unwrap();
+    wal.record_committed(pos(1)).unwrap();
+    // record_committed returned at once; the committer waits for the entries' fdatasync. A
+    // committer that did not would save within microseconds, so 200 ms is ample to see it.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < deadline {
+        assert_eq!(wal.read_committed(), None, "saved before its entries");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(syncer.calls.load(Ordering::SeqCst), 0);
+    syncer.set_open(true);
+    assert!(wait_until(10, || wal.read_committed() == Some(pos(1))));
+    assert!(syncer.calls.load(Ordering::SeqCst) >= 1);
+    // An older position never moves it back.
+    wal.record_committed(pos(0)).unwrap();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    assert_eq!(wal.read_committed(), Some(pos(1)));
+}
+
+#[test]
+fn close_saves_the_last_recorded_committed_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    for i in 0..50 {
+        wal.append_durable(&[entry(i, 1, 10)]).unwrap();
+        wal.record_committed(pos(i)).unwrap();
+    }
+    wal.close().unwrap();
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    assert_eq!(wal.read_committed(), Some(pos(49)));
+}
+
+#[test]
+fn a_reset_forgets_a_committed_index_recorded_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let syncer = Arc::new(GatedSyncer::default());
+    let wal = Wal::open_with_syncer(dir.path(), cfg(1 << 20), syncer.clone()).unwrap();
+    wal.append(&[entry(0, 1, 10), entry(1, 1, 10)], None)
+        .unwrap();
+    // Held back by the closed gate, then overtaken by the reset.
+    wal.record_committed(pos(1)).unwrap();
+    wal.reset_keeping_vote(5).unwrap();
+    syncer.set_open(true);
+    wal.close().unwrap();
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    assert_eq!(wal.read_committed(), None, "a committed index past a reset");
+    assert_eq!(wal.last(), None);
+}
+
+#[test]
+fn a_failed_fdatasync_fails_the_next_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let syncer = Arc::new(GatedSyncer::default());
+    syncer.fail.store(true, Ordering::SeqCst);
+    syncer.set_open(true);
+    let wal = Wal::open_with_syncer(dir.path(), cfg(1 << 20), syncer.clone()).unwrap();
+    wal.append(&[entry(0, 1, 10)], None).unwrap();
+    assert!(wait_until(10, || wal.is_poisoned()));
+    assert!(matches!(
+        wal.record_committed(pos(0)),
+        Err(StorageError::Poisoned(_))
+    ));
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
+    assert_eq!(wal.read_committed(), None);
+}

@@ -20,6 +20,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -61,7 +62,7 @@ pub struct WalMeta {
 #[derive(Debug)]
 pub(crate) struct MetaFile {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     seq: u64,
     state: WalMeta,
 }
@@ -103,7 +104,7 @@ impl MetaFile {
         };
         Ok(MetaFile {
             path,
-            file,
+            file: Arc::new(file),
             seq,
             state,
         })
@@ -115,14 +116,51 @@ impl MetaFile {
 
     /// Writes `next` into the older slot and fdatasyncs it.
     pub(crate) fn save(&mut self, next: WalMeta) -> Result<()> {
-        let seq = self.seq + 1;
-        let slot = encode(seq, &next)?;
-        let at = if seq % 2 == 0 { 0 } else { SLOT as u64 };
-        self.file.write_all_at(&slot, at).ctx("write", &self.path)?;
-        self.file.sync_data().ctx("fdatasync", &self.path)?;
-        self.seq = seq;
-        self.state = next;
+        let w = self.prepare(next)?;
+        w.write()?;
+        self.finish(w);
         Ok(())
+    }
+
+    /// Encodes `next` for the older slot, to be written by [`MetaWrite::write`] (which may run
+    /// without the WAL lock) and then taken in by [`MetaFile::finish`]. Saves must not overlap:
+    /// the caller serializes prepare, write and finish.
+    pub(crate) fn prepare(&self, next: WalMeta) -> Result<MetaWrite> {
+        let seq = self.seq + 1;
+        Ok(MetaWrite {
+            slot: encode(seq, &next)?,
+            at: if seq % 2 == 0 { 0 } else { SLOT as u64 },
+            seq,
+            next,
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+        })
+    }
+
+    /// Makes a written save the current state.
+    pub(crate) fn finish(&mut self, w: MetaWrite) {
+        self.seq = w.seq;
+        self.state = w.next;
+    }
+}
+
+/// One prepared save of the meta file.
+pub(crate) struct MetaWrite {
+    slot: Vec<u8>,
+    at: u64,
+    seq: u64,
+    next: WalMeta,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl MetaWrite {
+    /// Writes the slot and fdatasyncs it.
+    pub(crate) fn write(&self) -> Result<()> {
+        self.file
+            .write_all_at(&self.slot, self.at)
+            .ctx("write", &self.path)?;
+        self.file.sync_data().ctx("fdatasync", &self.path)
     }
 }
 

@@ -179,6 +179,12 @@ struct State {
     synced_seq: u64,
     waiters: VecDeque<(u64, DurableCallback)>,
     shutdown: bool,
+    /// The newest committed position handed to [`Wal::record_committed`], not yet taken by
+    /// the committer thread.
+    pending_committed: Option<LogPosition>,
+    /// Bumped when the log is reset, so a committed position taken before is never saved.
+    commit_epoch: u64,
+    committer_stop: bool,
 }
 
 impl State {
@@ -220,6 +226,11 @@ struct Shared {
     syncer: Arc<dyn Syncer>,
     state: Mutex<State>,
     wake: Condvar,
+    /// Wakes the committer thread.
+    commit_wake: Condvar,
+    /// Serializes saves of the meta file (taken before `state`), so the committed index's
+    /// fdatasync runs without holding `state`.
+    meta_io: Mutex<()>,
     poison: Poison,
 }
 
@@ -227,6 +238,7 @@ struct Shared {
 pub struct Wal {
     shared: Arc<Shared>,
     flusher: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
     recovery: WalRecovery,
 }
 
@@ -271,6 +283,9 @@ impl Wal {
             synced_seq: 0,
             waiters: VecDeque::new(),
             shutdown: false,
+            pending_committed: None,
+            commit_epoch: 0,
+            committer_stop: false,
         };
         let shared = Arc::new(Shared {
             dir,
@@ -278,6 +293,8 @@ impl Wal {
             syncer,
             state: Mutex::new(state),
             wake: Condvar::new(),
+            commit_wake: Condvar::new(),
+            meta_io: Mutex::new(()),
             poison: Poison::default(),
         });
         let s = Arc::clone(&shared);
@@ -285,10 +302,29 @@ impl Wal {
             .name("wal-flusher".into())
             .spawn(move || flusher_loop(&s))
             .map_err(|e| StorageError::io("spawn flusher", &shared.dir, e))?;
+        let s = Arc::clone(&shared);
+        let committer = std::thread::Builder::new()
+            .name("wal-committer".into())
+            .spawn(move || committer_loop(&s));
+        let committer = match committer {
+            Ok(h) => h,
+            Err(e) => {
+                let err = StorageError::io("spawn committer", &shared.dir, e);
+                let mut wal = Wal {
+                    shared,
+                    flusher: Some(flusher),
+                    committer: None,
+                    recovery,
+                };
+                wal.stop();
+                return Err(err);
+            }
+        };
         tracing::info!(dir = %shared.dir.display(), ?recovery, "WAL opened");
         Ok(Wal {
             shared,
             flusher: Some(flusher),
+            committer: Some(committer),
             recovery,
         })
     }
@@ -403,24 +439,11 @@ impl Wal {
 
     /// Waits until everything written so far is durable (forces an fdatasync in any mode).
     pub fn flush(&self) -> Result<()> {
-        self.shared.poison.check()?;
-        let (tx, rx) = mpsc::sync_channel(1);
-        {
-            let mut st = self.lock();
-            if st.written_seq == st.synced_seq {
-                return Ok(());
-            }
-            let seq = st.written_seq;
-            st.waiters
-                .push_back((seq, Box::new(move |r| drop(tx.send(r)))));
-        }
-        self.shared.wake.notify_one();
-        self.wait(rx)
+        flush(&self.shared)
     }
 
     fn wait(&self, rx: mpsc::Receiver<Result<()>>) -> Result<()> {
-        rx.recv()
-            .unwrap_or_else(|_| Err(StorageError::Poisoned("WAL flusher stopped".into())))
+        wait(rx)
     }
 
     fn roll(&self, st: &mut State) -> Result<()> {
@@ -527,6 +550,7 @@ impl Wal {
     pub fn purge_upto(&self, upto: LogPosition) -> Result<()> {
         let sh = &*self.shared;
         sh.poison.check()?;
+        let _io = sh.meta_io.lock().expect("WAL meta lock");
         let mut st = self.lock();
         if st
             .meta
@@ -592,6 +616,26 @@ impl Wal {
         self.save_meta(|m| m.committed = Some(committed))
     }
 
+    /// Records the committed position without waiting: the committer thread makes it durable
+    /// soon after, once the entries up to it are durable here (it flushes first), so the same
+    /// recovery contract as [`Wal::save_committed`] holds. Saves coalesce; an older position
+    /// than one already recorded is ignored. [`Wal::close`] (and drop) save the last one.
+    ///
+    /// # Errors
+    /// [`StorageError::Poisoned`] once an fdatasync (or an earlier recording) failed.
+    pub fn record_committed(&self, committed: LogPosition) -> Result<()> {
+        let sh = &*self.shared;
+        sh.poison.check()?;
+        let mut st = self.lock();
+        let newer = |p: Option<LogPosition>| p.is_none_or(|p| p.index < committed.index);
+        if newer(st.pending_committed) && newer(st.meta.state().committed) {
+            st.pending_committed = Some(committed);
+            drop(st);
+            sh.commit_wake.notify_one();
+        }
+        Ok(())
+    }
+
     /// The catch-up floor of a repaired replica: while set, the replica lacks entries a quorum
     /// may have counted on it for, and must not vote until it has re-replicated past this
     /// committed index (and the leader's commit point). `None` for a healthy replica.
@@ -611,7 +655,11 @@ impl Wal {
     pub fn reset_keeping_vote(&self, floor: u64) -> Result<()> {
         let sh = &*self.shared;
         sh.poison.check()?;
+        let _io = sh.meta_io.lock().expect("WAL meta lock");
         let mut st = self.lock();
+        // A committed position recorded before the reset names entries that are gone.
+        st.pending_committed = None;
+        st.commit_epoch += 1;
         let floor = read_catch_up_floor(&sh.dir)?.unwrap_or(0).max(floor);
         write_catch_up_floor(&sh.dir, Some(floor))?;
         // Files first, then the meta: a crash in between leaves no files and the old purge
@@ -635,20 +683,9 @@ impl Wal {
     }
 
     fn save_meta(&self, change: impl FnOnce(&mut WalMeta)) -> Result<()> {
-        self.shared.poison.check()?;
-        let mut st = self.lock();
-        let mut m = st.meta.state().clone();
-        change(&mut m);
-        st.meta.save(m).inspect_err(|e| {
-            if matches!(
-                e,
-                StorageError::Io {
-                    op: "fdatasync",
-                    ..
-                }
-            ) {
-                self.shared.poison.set(e.to_string());
-            }
+        save_meta(&self.shared, |_, m| {
+            change(m);
+            true
         })
     }
 
@@ -665,10 +702,102 @@ impl Wal {
     }
 
     fn stop(&mut self) {
+        // The committer first (it saves the last recorded position, which may need the flusher).
+        self.lock().committer_stop = true;
+        self.shared.commit_wake.notify_all();
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
         self.lock().shutdown = true;
         self.shared.wake.notify_all();
         if let Some(h) = self.flusher.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Waits until everything written to `sh` so far is durable.
+fn flush(sh: &Shared) -> Result<()> {
+    sh.poison.check()?;
+    let (tx, rx) = mpsc::sync_channel(1);
+    {
+        let mut st = sh.state.lock().expect("WAL lock");
+        if st.written_seq == st.synced_seq {
+            return Ok(());
+        }
+        let seq = st.written_seq;
+        st.waiters
+            .push_back((seq, Box::new(move |r| drop(tx.send(r)))));
+    }
+    sh.wake.notify_one();
+    wait(rx)
+}
+
+fn wait(rx: mpsc::Receiver<Result<()>>) -> Result<()> {
+    rx.recv()
+        .unwrap_or_else(|_| Err(StorageError::Poisoned("WAL flusher stopped".into())))
+}
+
+/// Saves the meta file as `change` edits it (skipped when `change` returns false), with the
+/// slot's fdatasync outside the state lock; a failed fdatasync poisons the WAL.
+fn save_meta(sh: &Shared, change: impl FnOnce(&State, &mut WalMeta) -> bool) -> Result<()> {
+    sh.poison.check()?;
+    let _io = sh.meta_io.lock().expect("WAL meta lock");
+    let w = {
+        let st = sh.state.lock().expect("WAL lock");
+        let mut m = st.meta.state().clone();
+        if !change(&st, &mut m) {
+            return Ok(());
+        }
+        st.meta.prepare(m)?
+    };
+    w.write().inspect_err(|e| {
+        if matches!(
+            e,
+            StorageError::Io {
+                op: "fdatasync",
+                ..
+            }
+        ) {
+            sh.poison.set(e.to_string());
+        }
+    })?;
+    sh.state.lock().expect("WAL lock").meta.finish(w);
+    Ok(())
+}
+
+/// Makes positions handed to [`Wal::record_committed`] durable, newest first, until stopped
+/// (saving the last one before it returns).
+fn committer_loop(sh: &Shared) {
+    loop {
+        let (pos, epoch) = {
+            let mut st = sh.state.lock().expect("WAL lock");
+            loop {
+                if let Some(p) = st.pending_committed.take() {
+                    break (p, st.commit_epoch);
+                }
+                if st.committer_stop {
+                    return;
+                }
+                st = sh.commit_wake.wait(st).expect("WAL lock");
+            }
+        };
+        // The contract of a saved committed position: its entries are durable here (a follower
+        // may learn of a commit before its own append is flushed).
+        let r = flush(sh).and_then(|()| {
+            save_meta(sh, |st, m| {
+                let newer = m.committed.is_none_or(|c| c.index < pos.index);
+                if st.commit_epoch != epoch || !newer {
+                    return false;
+                }
+                m.committed = Some(pos);
+                true
+            })
+        });
+        if let Err(e) = r {
+            sh.poison
+                .set(format!("recording committed index {}: {e}", pos.index));
+            return;
         }
     }
 }
