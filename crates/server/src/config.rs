@@ -146,7 +146,8 @@ pub struct Background {
     pub retention_check_ms: u64,
     /// How often every group is checkpointed (besides `raft.snapshot_every_entries`); 0: never.
     pub checkpoint_interval_ms: u64,
-    /// How often a leader hands groups to their preferred leaders; 0: never.
+    /// How often a leader hands groups to their preferred leaders (each once it has stayed caught
+    /// up for a whole interval); 0: never.
     pub leader_balance_ms: u64,
 }
 

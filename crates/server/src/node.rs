@@ -360,14 +360,52 @@ fn create(partition_id: u64, retention_ms: i64, retention_bytes: i64, segment: u
 
 /// Hands each group this node leads to its preferred leader once that node has caught up, so
 /// leadership spreads evenly again after failures.
+/// Hysteresis for the leader balancer: a group's preferred replica must have been caught up at
+/// every check for a whole interval before it is handed the group. A replica that has just come
+/// back may be flapping, and a transfer to a node that dies meanwhile costs the group an election.
+#[derive(Default)]
+struct Settled(HashMap<u64, (u64, Instant)>);
+
+impl Settled {
+    /// Records one check of group `g`; true once `pref` has been caught up since `every` ago.
+    fn observe(
+        &mut self,
+        g: u64,
+        pref: u64,
+        caught_up: bool,
+        now: Instant,
+        every: Duration,
+    ) -> bool {
+        if !caught_up {
+            self.0.remove(&g);
+            return false;
+        }
+        let since = self.0.entry(g).or_insert((pref, now));
+        if since.0 != pref {
+            *since = (pref, now);
+        }
+        now.duration_since(since.1) >= every
+    }
+
+    /// Forgets group `g` (this node no longer balances it).
+    fn forget(&mut self, g: u64) {
+        self.0.remove(&g);
+    }
+}
+
 async fn balance_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let host = Arc::clone(&shared.host);
     let me = host.node_id();
     let mut last_try: HashMap<u64, Instant> = HashMap::new();
+    let mut settled = Settled::default();
     while tick(every, &mut stop).await {
         for g in host.groups() {
-            let Some(m) = host.metrics(g) else { continue };
+            let Some(m) = host.metrics(g) else {
+                settled.forget(g);
+                continue;
+            };
             if m.leader != Some(me) || !m.ready {
+                settled.forget(g);
                 continue;
             }
             let voters: Vec<u64> = m.voters.iter().copied().collect();
@@ -375,13 +413,16 @@ async fn balance_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Rec
                 continue;
             };
             if pref == me {
+                settled.forget(g);
                 continue;
             }
             let caught_up = matches!(
                 (m.replication.get(&pref), m.last_log),
                 (Some(Some(matched)), Some(last)) if *matched + 16 >= last
             );
-            if !caught_up || last_try.get(&g).is_some_and(|t| t.elapsed() < every * 3) {
+            if !settled.observe(g, pref, caught_up, Instant::now(), every)
+                || last_try.get(&g).is_some_and(|t| t.elapsed() < every * 3)
+            {
                 continue;
             }
             last_try.insert(g, Instant::now());
@@ -428,6 +469,30 @@ async fn checkpoint_loop(host: Arc<RaftHost>, every: Duration, mut stop: watch::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balancer_waits_until_the_preferred_replica_stayed_caught_up_an_interval() {
+        let every = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut s = Settled::default();
+        assert!(!s.observe(1, 3, true, at(0), every), "just caught up");
+        assert!(!s.observe(1, 3, true, at(4), every));
+        assert!(
+            s.observe(1, 3, true, at(5), every),
+            "caught up a whole interval"
+        );
+        // Falling behind once starts the wait over.
+        assert!(!s.observe(1, 3, false, at(6), every));
+        assert!(!s.observe(1, 3, true, at(7), every));
+        assert!(s.observe(1, 3, true, at(12), every));
+        // Another preferred replica (membership changed) starts over too, per group.
+        assert!(!s.observe(1, 2, true, at(13), every));
+        assert!(!s.observe(2, 3, true, at(13), every));
+        assert!(s.observe(1, 2, true, at(18), every));
+        s.forget(1);
+        assert!(!s.observe(1, 2, true, at(19), every));
+    }
 
     #[test]
     fn preferred_leaders_spread_evenly() {
