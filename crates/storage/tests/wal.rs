@@ -696,3 +696,34 @@ fn a_failed_fdatasync_fails_the_next_recording() {
     let wal = Wal::open(dir.path(), cfg(1 << 20)).unwrap();
     assert_eq!(wal.read_committed(), None);
 }
+
+#[test]
+fn committed_saves_are_spaced_by_the_interval_and_coalesce() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval = Duration::from_millis(20);
+    let wal = Wal::open(
+        dir.path(),
+        WalConfig {
+            committed_save_interval: interval,
+            ..cfg(1 << 20)
+        },
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..400u64 {
+        wal.append_durable(&[entry(i, 1, 10)]).unwrap();
+        wal.record_committed(pos(i)).unwrap();
+        seen.insert(wal.read_committed());
+    }
+    let elapsed = start.elapsed();
+    // Every save is at least `interval` after the one before, so at most this many were seen.
+    let most = (elapsed.as_millis() / interval.as_millis()) as usize + 2;
+    assert!(
+        seen.len() <= most,
+        "{} distinct saves in {elapsed:?} with a {interval:?} interval",
+        seen.len()
+    );
+    // The last position is still saved, without waiting for another record.
+    assert!(wait_until(10, || wal.read_committed() == Some(pos(399))));
+}

@@ -29,6 +29,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -59,6 +60,9 @@ pub struct WalConfig {
     /// On damage to durable data, cut the log at the first damage instead of refusing to open
     /// (see [`WalRepair`]). Only safe when a replica can supply what was cut. Default false.
     pub repair: bool,
+    /// Least time between two saves of a position given to [`Wal::record_committed`], so they
+    /// take a small share of the disk's fdatasyncs. Default 10 ms.
+    pub committed_save_interval: Duration,
 }
 
 impl Default for WalConfig {
@@ -68,6 +72,7 @@ impl Default for WalConfig {
             entry_bytes_max: crate::batch::BATCH_BYTES_MAX + (1 << 20),
             persist: PersistMode::Fsync,
             repair: false,
+            committed_save_interval: Duration::from_millis(10),
         }
     }
 }
@@ -618,8 +623,9 @@ impl Wal {
 
     /// Records the committed position without waiting: the committer thread makes it durable
     /// soon after, once the entries up to it are durable here (it flushes first), so the same
-    /// recovery contract as [`Wal::save_committed`] holds. Saves coalesce; an older position
-    /// than one already recorded is ignored. [`Wal::close`] (and drop) save the last one.
+    /// recovery contract as [`Wal::save_committed`] holds. Saves coalesce, at most one per
+    /// [`WalConfig::committed_save_interval`]; an older position than one already recorded is
+    /// ignored. [`Wal::close`] (and drop) save the last one at once.
     ///
     /// # Errors
     /// [`StorageError::Poisoned`] once an fdatasync (or an earlier recording) failed.
@@ -769,10 +775,21 @@ fn save_meta(sh: &Shared, change: impl FnOnce(&State, &mut WalMeta) -> bool) -> 
 /// Makes positions handed to [`Wal::record_committed`] durable, newest first, until stopped
 /// (saving the last one before it returns).
 fn committer_loop(sh: &Shared) {
+    let mut next_save = Instant::now();
     loop {
         let (pos, epoch) = {
             let mut st = sh.state.lock().expect("WAL lock");
             loop {
+                // Between saves, positions only coalesce (a stop saves the last one at once).
+                let now = Instant::now();
+                if now < next_save && !st.committer_stop {
+                    st = sh
+                        .commit_wake
+                        .wait_timeout(st, next_save - now)
+                        .expect("WAL lock")
+                        .0;
+                    continue;
+                }
                 if let Some(p) = st.pending_committed.take() {
                     break (p, st.commit_epoch);
                 }
@@ -782,6 +799,7 @@ fn committer_loop(sh: &Shared) {
                 st = sh.commit_wake.wait(st).expect("WAL lock");
             }
         };
+        next_save = Instant::now() + sh.config.committed_save_interval;
         // The contract of a saved committed position: its entries are durable here (a follower
         // may learn of a commit before its own append is flushed).
         let r = flush(sh).and_then(|()| {
