@@ -622,15 +622,21 @@ fn pos(index: u64) -> LogPosition {
     }
 }
 
-#[test]
-fn a_recorded_committed_index_is_saved_only_after_its_entries_are_durable() {
-    let dir = tempfile::tempdir().unwrap();
+/// A WAL behind a closed sync gate holding entries 0 and 1 (written, not durable) and a recorded
+/// committed position 1.
+fn gated_wal_with_a_recorded_commit(dir: &Path) -> (Wal, Arc<GatedSyncer>) {
     let syncer = Arc::new(GatedSyncer::default());
-    let wal = Wal::open_with_syncer(dir.path(), cfg(1 << 20), syncer.clone()).unwrap();
-    // The gate is closed: the entries are written, not durable.
+    let wal = Wal::open_with_syncer(dir, cfg(1 << 20), syncer.clone()).unwrap();
     wal.append(&[entry(0, 1, 10), entry(1, 1, 10)], None)
         .unwrap();
     wal.record_committed(pos(1)).unwrap();
+    (wal, syncer)
+}
+
+#[test]
+fn a_recorded_committed_index_is_saved_only_after_its_entries_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, syncer) = gated_wal_with_a_recorded_commit(dir.path());
     // record_committed returned at once; the committer waits for the entries' fdatasync. A
     // committer that did not would save within microseconds, so 200 ms is ample to see it.
     let deadline = Instant::now() + Duration::from_millis(200);
@@ -665,12 +671,8 @@ fn close_saves_the_last_recorded_committed_index() {
 #[test]
 fn a_reset_forgets_a_committed_index_recorded_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let syncer = Arc::new(GatedSyncer::default());
-    let wal = Wal::open_with_syncer(dir.path(), cfg(1 << 20), syncer.clone()).unwrap();
-    wal.append(&[entry(0, 1, 10), entry(1, 1, 10)], None)
-        .unwrap();
-    // Held back by the closed gate, then overtaken by the reset.
-    wal.record_committed(pos(1)).unwrap();
+    // The recorded position is held back by the closed gate, then overtaken by the reset.
+    let (wal, syncer) = gated_wal_with_a_recorded_commit(dir.path());
     wal.reset_keeping_vote(5).unwrap();
     syncer.set_open(true);
     wal.close().unwrap();
