@@ -358,8 +358,6 @@ fn create(partition_id: u64, retention_ms: i64, retention_bytes: i64, segment: u
     }
 }
 
-/// Hands each group this node leads to its preferred leader once that node has caught up, so
-/// leadership spreads evenly again after failures.
 /// Hysteresis for the leader balancer: a group's preferred replica must have been caught up at
 /// every check for a whole interval before it is handed the group. A replica that has just come
 /// back may be flapping, and a transfer to a node that dies meanwhile costs the group an election.
@@ -393,6 +391,8 @@ impl Settled {
     }
 }
 
+/// Hands each group this node leads to its preferred leader once that node has stayed caught up
+/// for an interval, so leadership spreads evenly again after failures.
 async fn balance_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let host = Arc::clone(&shared.host);
     let me = host.node_id();
