@@ -84,9 +84,13 @@ pub async fn run(a: &LocalArgs) -> anyhow::Result<()> {
     );
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
+    let fatal = futures::future::select_all(nodes.iter().map(|n| Box::pin(n.fatal())));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        (why, i, _) = fatal => {
+            anyhow::bail!("node {}: storage failure, stopping the cluster: {why}", i + 1);
+        }
     }
     eprintln!("stopping…");
     for n in nodes {

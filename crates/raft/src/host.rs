@@ -79,6 +79,10 @@ pub struct HostConfig {
     /// from the other replicas (not voting meanwhile), instead of refusing to start it.
     /// Default true. A group whose only voter is this node is never repaired.
     pub repair_from_replicas: bool,
+    /// Open a group whose vote record (`wal/wal.meta`) is gone although it holds a log or a
+    /// checkpoint, recreating it empty. A node that forgot its vote may vote twice in one term,
+    /// so this is refused unless the operator says so. Default false.
+    pub accept_lost_vote: bool,
 }
 
 impl HostConfig {
@@ -95,6 +99,7 @@ impl HostConfig {
             partition_defaults: LogConfig::default(),
             wal: WalConfig::default(),
             repair_from_replicas: true,
+            accept_lost_vote: false,
         }
     }
 
@@ -123,6 +128,19 @@ fn open_storage(
     defaults: LogConfig,
 ) -> Result<(Wal, Arc<GroupStore>), HostError> {
     let repair = wal.repair;
+    let meta = dir.join("wal").join(runnel_storage::wal::META_FILE);
+    let checkpoint = dir.join("checkpoints").join("CURRENT");
+    if !meta.exists() && checkpoint.exists() && !wal.accept_missing_meta {
+        return Err(HostError::Io(std::io::Error::other(format!(
+            "{} is missing, but the group holds a checkpoint ({}): this node forgot its vote \
+             and could vote twice in one term. Recover by wiping the data directory and \
+             rejoining under a new node id (`runneld --join`, then `runnel cluster \
+             replace-node`; docs/DEPLOY.md), or, knowing the risk, restart with \
+             `raft.unsafe_accept_lost_vote = true`",
+            meta.display(),
+            checkpoint.display()
+        ))));
+    }
     let wal = Wal::open(dir.join("wal"), wal).map_err(std::io::Error::other)?;
     if !repair {
         return Ok((wal, GroupStore::open(dir, defaults)?));
@@ -252,6 +270,9 @@ pub struct GroupMetrics {
     pub replication: BTreeMap<u64, Option<u64>>,
     /// This replica lost durable data and is re-replicating it: it neither votes nor campaigns.
     pub catching_up: bool,
+    /// The group's Raft core stopped on this node, and why (a storage failure); it serves
+    /// nothing and leads nothing until the group is restarted.
+    pub stopped: Option<String>,
 }
 
 /// A node's Raft groups and transport.
@@ -339,6 +360,7 @@ impl RaftHost {
         let repair = self.cfg.repair_from_replicas;
         let wal_cfg = WalConfig {
             repair,
+            accept_missing_meta: self.cfg.accept_lost_vote,
             ..self.cfg.wal.clone()
         };
         let (wal, store) = {
@@ -563,10 +585,12 @@ impl RaftHost {
         let voters: BTreeSet<u64> = mem.voter_ids().collect();
         let learners: BTreeSet<u64> = mem.learner_ids().collect();
         let applied_term = m.last_applied.map(|l| l.leader_id.term);
+        let stopped = m.running_state.as_ref().err().map(|e| e.to_string());
         Some(GroupMetrics {
             group_id,
             node_id: self.cfg.node_id,
-            leader: m.current_leader,
+            // A stopped core's last metrics may still name this node: it leads nothing now.
+            leader: m.current_leader.filter(|_| stopped.is_none()),
             term: m.current_term,
             last_log: m.last_log_index,
             committed: m.local_committed.map(|l| l.index),
@@ -576,8 +600,11 @@ impl RaftHost {
             purged: m.purged.map(|l| l.index),
             voters,
             learners,
-            ready: m.state == ServerState::Leader && applied_term == Some(m.current_term),
+            ready: m.state == ServerState::Leader
+                && applied_term == Some(m.current_term)
+                && stopped.is_none(),
             catching_up: g.catch_up.active(),
+            stopped,
             high_watermarks: g
                 .store
                 .partitions()
@@ -693,6 +720,39 @@ impl RaftHost {
             .await
             .map(|_| ())
             .map_err(|e| HostError::Raft(e.to_string()))
+    }
+
+    /// Stops group `group_id` on this node and opens it again from disk: after a transient
+    /// storage failure stopped it (a full disk, no file descriptors), or, with `verify`, to
+    /// repair it after damage was found while serving (the next open checks every checkpoint
+    /// file against its recorded CRC, and damaged state comes back from a replica).
+    ///
+    /// The old WAL handle is retired first, so nothing it still holds can write after the new
+    /// one opened. While the group is closed this node answers for it as for a group it does
+    /// not host. A failed open leaves it closed; call again to retry.
+    pub async fn restart_group(
+        &self,
+        group_id: u64,
+        verify: bool,
+        why: &str,
+    ) -> Result<(), HostError> {
+        let dir = self.cfg.data_dir.join("groups").join(group_id.to_string());
+        if let Some(g) = self.registry.remove(group_id) {
+            tracing::warn!(group = group_id, reason = why, verify, "restarting group");
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::debug!(group = group_id, error = %e, "shutdown of a stopped group");
+            }
+            g.store.retire();
+            g.log.wal().retire(why);
+        }
+        if verify {
+            runnel_storage::fsutil::write_atomic(
+                &dir.join(crate::state_machine::VERIFY_MARKER),
+                why.as_bytes(),
+            )
+            .map_err(std::io::Error::other)?;
+        }
+        self.open_group(group_id).await
     }
 
     /// Stops every group (joining their tasks) and the transport.

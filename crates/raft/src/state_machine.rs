@@ -39,6 +39,8 @@ use crate::types::{ApplyError, ApplyResult, Cmd, LogId, StoredMembership, TypeCo
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 
 const CURRENT: &str = "CURRENT";
+/// A file in the group directory asking the next open to verify the checkpoint's files.
+pub const VERIFY_MARKER: &str = "VERIFY-CHECKPOINT";
 const MANIFEST: &str = "MANIFEST";
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -113,6 +115,13 @@ pub struct GroupStore {
     crc_cache: Mutex<HashMap<(u64, String, u64), u32>>,
     /// A damaged checkpoint dropped at open.
     damage: Option<CheckpointDamage>,
+    /// Damage to durable data found while serving (a read, a checkpoint): the first reason.
+    damage_found: watch::Sender<Option<String>>,
+    /// How many times damage was found while serving.
+    damage_count: AtomicU64,
+    /// Set (under the state lock) when the group is reopened by a new store: this one must
+    /// not make a checkpoint current any more.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GroupStore {
@@ -154,6 +163,9 @@ impl GroupStore {
             checkpoint_seq: AtomicU64::new(0),
             crc_cache: Mutex::default(),
             damage: None,
+            damage_found: watch::channel(None).0,
+            damage_count: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         };
         // Nothing can be receiving or building a checkpoint yet: drop what a crash left of one.
         for e in std::fs::read_dir(dir.join("checkpoints"))? {
@@ -164,9 +176,19 @@ impl GroupStore {
             }
         }
         let mut store = store;
-        let restored = store
-            .current_checkpoint()
-            .and_then(|ck| ck.map(|ck| store.restore(&ck)).transpose());
+        // Damage was found while serving: check every file of the checkpoint against the CRCs
+        // its manifest recorded (over verified bytes) before trusting it.
+        let verify = dir.join(VERIFY_MARKER).exists();
+        let restored = store.current_checkpoint().and_then(|ck| {
+            ck.map(|ck| {
+                if verify {
+                    ck.manifest.verify_files(&ck.dir).map_err(other)?;
+                    tracing::info!(dir = %dir.display(), "checkpoint files verified");
+                }
+                store.restore(&ck)
+            })
+            .transpose()
+        });
         match restored {
             Ok(Some(state)) => *store.state.lock().expect("state lock") = state,
             Ok(None) => {
@@ -197,6 +219,9 @@ impl GroupStore {
                 fsutil::fsync_dir(dir).map_err(other)?;
                 store.damage = Some(d);
             }
+        }
+        if verify {
+            std::fs::remove_file(dir.join(VERIFY_MARKER))?;
         }
         let damage = store.damage.clone();
         Ok((Arc::new(store), damage))
@@ -248,7 +273,45 @@ impl GroupStore {
     ) -> Result<ReadSlice, ReadError> {
         let log = self.log(partition)?;
         let hw = log.log_end();
-        Ok(log.read(offset, max_bytes, hw)?)
+        log.read(offset, max_bytes, hw)
+            .map_err(|e| self.report_damage(e).into())
+    }
+
+    /// Records `e` if it is damage to durable data: logged, counted, and signalled (once) to
+    /// whoever repairs the group ([`GroupStore::damage_found`]). Returns `e`.
+    pub fn report_damage(&self, e: StorageError) -> StorageError {
+        if let StorageError::Corruption { .. } = &e {
+            let n = self.damage_count.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::error!(dir = %self.dir.display(), error = %e, found = n,
+                "damaged data found while serving: this replica will be repaired");
+            let why = e.to_string();
+            self.damage_found.send_if_modified(|d| {
+                if d.is_none() {
+                    *d = Some(why);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        e
+    }
+
+    /// Stops this store from making any checkpoint current (the group is being reopened);
+    /// one being made current right now finishes first.
+    pub fn retire(&self) {
+        let _st = self.state.lock().expect("state lock");
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Watches for damage found while serving: `Some(reason)` once any was found.
+    pub fn damage_found(&self) -> watch::Receiver<Option<String>> {
+        self.damage_found.subscribe()
+    }
+
+    /// How many reads or checkpoints found damaged data in this store.
+    pub fn damage_count(&self) -> u64 {
+        self.damage_count.load(Ordering::Relaxed)
     }
 
     fn log(&self, partition: u64) -> Result<Arc<PartitionLog>, ReadError> {
@@ -308,7 +371,9 @@ impl GroupStore {
         partition: u64,
         timestamp_ms: i64,
     ) -> Result<Option<u64>, ReadError> {
-        Ok(self.log(partition)?.offset_for_timestamp(timestamp_ms)?)
+        self.log(partition)?
+            .offset_for_timestamp(timestamp_ms)
+            .map_err(|e| self.report_damage(e).into())
     }
 
     /// Bytes the partition occupies on disk on this node.
@@ -316,16 +381,23 @@ impl GroupStore {
         self.log(partition).ok().map(|l| l.size_bytes())
     }
 
-    /// Deletes sealed segments past their partition's retention (time or size) on this replica;
-    /// returns how many segments went. Held under the state lock so a checkpoint never links a
-    /// file this is unlinking.
-    pub fn apply_retention(&self, now_ms: i64) -> Result<usize, StorageError> {
+    /// What retention asks for as of `now_ms` on each partition of this replica: (partition,
+    /// new log start, reason). The leader proposes these as [`pb::TrimLog`] commands, so every
+    /// replica deletes the same records whatever its own clock says.
+    pub fn retention_proposals(&self, now_ms: i64) -> Vec<pb::TrimLog> {
         let st = self.state.lock().expect("state lock");
-        let mut deleted = 0;
-        for p in st.partitions.values() {
-            deleted += p.log.apply_retention(now_ms)?.segments_deleted;
-        }
-        Ok(deleted)
+        st.partitions
+            .iter()
+            .filter_map(|(pid, p)| {
+                p.log
+                    .retention_point(now_ms)
+                    .map(|(log_start, why)| pb::TrimLog {
+                        partition_id: *pid,
+                        log_start,
+                        reason: why.as_str().to_string(),
+                    })
+            })
+            .collect()
     }
 
     /// CRC-32C and length of every byte of a partition up to its high watermark, for comparing
@@ -335,7 +407,9 @@ impl GroupStore {
         let hw = log.log_end();
         let (mut at, mut len, mut crc) = (log.log_start(), 0u64, 0u32);
         while at < hw {
-            let r = log.read(at, 1 << 20, hw)?;
+            let r = log
+                .read(at, 1 << 20, hw)
+                .map_err(|e| self.report_damage(e))?;
             if r.bytes.is_empty() {
                 break;
             }
@@ -407,6 +481,16 @@ impl GroupStore {
                         hw,
                     },
                 );
+                Ok(ApplyResult::Done)
+            }
+            Some(Kind::TrimLog(t)) => {
+                let Some(part) = st.partitions.get(&t.partition_id) else {
+                    return refused(ApplyError::UnknownPartition, "unknown partition");
+                };
+                let reason = format!("retention by {} (replicated)", t.reason);
+                part.log
+                    .advance_start(t.log_start, &reason)
+                    .map_err(other)?;
                 Ok(ApplyResult::Done)
             }
             Some(Kind::DeletePartition(d)) => {
@@ -548,6 +632,7 @@ impl GroupStore {
                 .map(|p| pb::PartitionState {
                     spec: Some(p.spec),
                     next_offset: p.log.log_end(),
+                    log_start: p.log.log_start(),
                     producers: p
                         .producers
                         .iter()
@@ -611,14 +696,15 @@ impl GroupStore {
                 p.log.flush().map_err(other)?;
                 let pdir = tmp.join(format!("p{pid}"));
                 std::fs::create_dir_all(&pdir)?;
-                for (path, len) in p.log.segment_files() {
+                for seg in p.log.segment_handles() {
+                    let (path, len) = (seg.path.clone(), seg.len);
                     let name = path
                         .file_name()
                         .expect("segment name")
                         .to_string_lossy()
                         .into_owned();
                     std::fs::hard_link(&path, pdir.join(&name))?;
-                    files.push((*pid, name.clone(), len));
+                    files.push((*pid, name.clone(), len, Some(seg)));
                     for ext in [runnel_storage::INDEX_EXT, runnel_storage::TIME_INDEX_EXT] {
                         let idx_path = path.with_extension(ext);
                         if idx_path.exists() {
@@ -628,7 +714,8 @@ impl GroupStore {
                                 .to_string_lossy()
                                 .into_owned();
                             std::fs::hard_link(&idx_path, pdir.join(&iname))?;
-                            files.push((*pid, iname, std::fs::metadata(&idx_path)?.len()));
+                            let ilen = std::fs::metadata(&idx_path)?.len();
+                            files.push((*pid, iname, ilen, None));
                         }
                     }
                 }
@@ -641,17 +728,24 @@ impl GroupStore {
             };
             (meta_state, meta, id, files)
         };
-        // Phase 2, without the lock: CRCs (cached for immutable files) and the manifest.
+        // Phase 2, without the lock: CRCs (cached for immutable files) and the manifest. A
+        // segment's CRC is computed only over batches that pass every check (their CRCs, the
+        // offset chain, the epochs): a checkpoint never vouches for damaged bytes.
         let tmp = ck_root.join(format!("{id}.tmp"));
         let mut mfiles = Vec::with_capacity(files.len());
-        for (pid, name, len) in files {
+        for (pid, name, len, seg) in files {
             let rel = format!("p{pid}/{name}");
             let key = (pid, name, len);
             let cached = self.crc_cache.lock().expect("crc lock").get(&key).copied();
             let crc = match cached {
                 Some(c) => c,
                 None => {
-                    let c = crc_prefix(&tmp.join(&rel), len)?;
+                    let c = match seg {
+                        Some(seg) => seg
+                            .verified_crc32c()
+                            .map_err(|e| other(self.report_damage(e)))?,
+                        None => crc_prefix(&tmp.join(&rel), len)?,
+                    };
                     if key.1.ends_with(".log") {
                         // A .log file never changes below a length it once had.
                         self.crc_cache.lock().expect("crc lock").insert(key, c);
@@ -672,6 +766,10 @@ impl GroupStore {
         };
         manifest.write(&tmp.join(MANIFEST)).map_err(other)?;
         let dir = ck_root.join(&id);
+        let _st = self.state.lock().expect("state lock");
+        if self.retired.load(Ordering::Acquire) {
+            return Err(other("the group was reopened: checkpoint dropped"));
+        }
         std::fs::rename(&tmp, &dir)?;
         fsutil::fsync_dir(&ck_root).map_err(other)?;
         self.make_current(&id)?;
@@ -734,6 +832,10 @@ impl GroupStore {
                 Recovery::TruncateTo(p.next_offset),
             )
             .map_err(other)?;
+            if p.log_start > log.log_start() {
+                log.advance_start(p.log_start, "checkpoint's log start")
+                    .map_err(other)?;
+            }
             let producers = p
                 .producers
                 .into_iter()
@@ -812,12 +914,14 @@ impl GroupStore {
             manifest: ck.manifest,
         };
         let mut st = self.state.lock().expect("state lock");
+        if self.retired.load(Ordering::Acquire) {
+            return Err(other("the group was reopened: snapshot not installed"));
+        }
         st.partitions.clear();
         let mut restored = self.restore(&ck)?;
         restored.last_applied = meta.last_log_id;
         restored.membership = meta.last_membership.clone();
         *st = restored;
-        drop(st);
         self.make_current(&id)
     }
 }

@@ -34,6 +34,11 @@ impl fmt::Display for Cmd {
             }
             Some(Kind::DeletePartition(d)) => write!(f, "delete_partition({})", d.partition_id),
             Some(Kind::Noop(_)) => write!(f, "noop"),
+            Some(Kind::TrimLog(t)) => write!(
+                f,
+                "trim_log(partition={}, log_start={}, {})",
+                t.partition_id, t.log_start, t.reason
+            ),
             None => write!(f, "empty"),
         }
     }

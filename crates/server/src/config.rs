@@ -30,6 +30,8 @@ pub struct Config {
     pub limits: Limits,
     /// Background schedulers.
     pub background: Background,
+    /// The data directory's disk: free-space floor and failure handling.
+    pub storage: Storage,
     /// Logging.
     pub log: LogSettings,
 }
@@ -96,6 +98,10 @@ pub struct RaftSettings {
     /// On damaged durable data (a cut WAL, a broken checkpoint), cut at the damage and catch up
     /// from the other replicas without voting meanwhile, instead of refusing to start.
     pub repair_from_replicas: bool,
+    /// Start although a group's vote record (`wal.meta`) is gone while its log or checkpoint is
+    /// there, recreating it empty. Unsafe: a node that forgot its vote may vote twice in one
+    /// term. The safe way back is a new node id (`--join`, `ReplaceNode`).
+    pub unsafe_accept_lost_vote: bool,
 }
 
 /// Topic defaults.
@@ -149,6 +155,21 @@ pub struct Background {
     /// How often a leader hands groups to their preferred leaders (each once it has stayed caught
     /// up for a whole interval); 0: never.
     pub leader_balance_ms: u64,
+    /// A wall-clock step larger than this (against the monotonic clock) is logged as a warning;
+    /// time-based retention never follows a forward step either way (see docs/CONFIG.md).
+    pub retention_clock_jump_ms: u64,
+}
+
+/// The data directory's disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Below this many free bytes on the data directory's file system the node refuses new
+    /// writes (`STORAGE_ERROR`), reports `NOT_SERVING` and hands its leaderships away, before a
+    /// write could fail mid-way; 0: no floor.
+    pub min_free_bytes: u64,
+    /// How often free space and the groups' health are checked.
+    pub check_ms: u64,
 }
 
 /// Log output.
@@ -173,6 +194,7 @@ impl Default for Config {
             topic_defaults: TopicDefaults::default(),
             limits: Limits::default(),
             background: Background::default(),
+            storage: Storage::default(),
             log: LogSettings::default(),
         }
     }
@@ -206,6 +228,16 @@ impl Default for RaftSettings {
             snapshot_every_entries: 20_000,
             log_entries_kept: 1000,
             repair_from_replicas: true,
+            unsafe_accept_lost_vote: false,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            min_free_bytes: 256 << 20,
+            check_ms: 250,
         }
     }
 }
@@ -244,6 +276,7 @@ impl Default for Background {
             retention_check_ms: 60_000,
             checkpoint_interval_ms: 300_000,
             leader_balance_ms: 5_000,
+            retention_clock_jump_ms: 60_000,
         }
     }
 }
@@ -448,6 +481,12 @@ impl Config {
                 "log.format = {:?} must be \"text\" or \"json\"",
                 self.log.format
             ));
+        }
+        if self.storage.check_ms == 0 {
+            p.push("storage.check_ms must be > 0".into());
+        }
+        if self.background.retention_clock_jump_ms == 0 {
+            p.push("background.retention_clock_jump_ms must be > 0".into());
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
     }

@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod node;
 pub mod order;
 pub mod service;
+pub mod storage_health;
 
 pub use config::Config;
 pub use node::{Node, StartError};

@@ -172,8 +172,17 @@ async fn main() -> anyhow::Result<()> {
     }
     init_logs(&cfg);
     let node = Node::start(cfg).await?;
-    let sig = shutdown_signal().await?;
-    tracing::info!(signal = sig, "shutting down");
-    node.shutdown().await;
-    Ok(())
+    tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig?, "shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        why = node.fatal() => {
+            // Fail-stop that something notices: exit non-zero so that systemd, Compose or
+            // Kubernetes restarts the node and recovery runs from what is on disk.
+            tracing::error!(reason = %why, "storage failure: stopping the node (exit code 74)");
+            std::process::exit(74);
+        }
+    }
 }

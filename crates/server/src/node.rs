@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::late::Late;
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
 use crate::service::{Api, Shared, now_ms};
+use crate::storage_health::{self, StorageHealth};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,7 @@ impl Node {
         hcfg.snapshot_every_entries = cfg.raft.snapshot_every_entries;
         hcfg.log_entries_kept = cfg.raft.log_entries_kept;
         hcfg.repair_from_replicas = cfg.raft.repair_from_replicas;
+        hcfg.accept_lost_vote = cfg.raft.unsafe_accept_lost_vote;
         hcfg.partition_defaults = LogConfig {
             segment_bytes: cfg.topic_defaults.segment_bytes,
             ..LogConfig::default()
@@ -137,12 +139,16 @@ impl Node {
         }
         let (meta_tx, meta_rx) = watch::channel(Arc::new(MetaImage::default()));
         let (stop, stop_rx) = watch::channel(false);
+        let storage = Arc::new(StorageHealth::default());
         let shared = Arc::new(Shared::new(
             cfg.clone(),
             Arc::clone(&host),
             meta_rx,
             stop_rx.clone(),
+            Arc::clone(&storage),
         ));
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        set_serving(&health, true).await;
         let (broker, admin) = api_services(&shared);
         late_broker.set(broker);
         late_admin.set(admin);
@@ -166,6 +172,23 @@ impl Node {
             tasks.push(tokio::spawn(retention_loop(
                 Arc::clone(&host),
                 Duration::from_millis(cfg.background.retention_check_ms),
+                Duration::from_millis(cfg.background.retention_clock_jump_ms),
+                stop_rx.clone(),
+            )));
+        }
+        {
+            let health = health.clone();
+            tasks.push(tokio::spawn(storage_health::watch_loop(
+                Arc::clone(&host),
+                (0..=u64::from(cfg.cluster.data_groups)).collect(),
+                cfg.data_dir.clone(),
+                cfg.storage.min_free_bytes,
+                Duration::from_millis(cfg.storage.check_ms),
+                Arc::clone(&storage),
+                move |serving| {
+                    let health = health.clone();
+                    tokio::spawn(async move { set_serving(&health, serving).await });
+                },
                 stop_rx.clone(),
             )));
         }
@@ -179,6 +202,7 @@ impl Node {
         tasks.push(tokio::spawn(serve(
             Arc::clone(&shared),
             client_l,
+            health_svc,
             stop_rx.clone(),
         )));
         tracing::info!(
@@ -218,6 +242,17 @@ impl Node {
         &self.shared.host
     }
 
+    /// Resolves with the reason once a storage failure makes this node unfit to go on (an
+    /// fsync failed, a group stopped for a cause that does not heal): the process should exit
+    /// non-zero so that its supervisor restarts it and recovery runs from disk.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.shared.storage.watch();
+        match rx.wait_for(|s| s.fatal.is_some()).await {
+            Ok(s) => s.fatal.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops serving clients (in-flight calls finish), stops the schedulers, then every group
     /// and the peer transport.
     pub async fn shutdown(self) {
@@ -247,15 +282,35 @@ fn api_services(
     (broker, admin)
 }
 
-async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// Sets the health of the Broker and Admin services (the empty service name, "the process
+/// answers", stays SERVING: liveness, not readiness).
+async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health
+            .set_serving::<api::broker_server::BrokerServer<Api>>()
+            .await;
+        health
+            .set_serving::<api::admin_server::AdminServer<Api>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<api::broker_server::BrokerServer<Api>>()
+            .await;
+        health
+            .set_not_serving::<api::admin_server::AdminServer<Api>>()
+            .await;
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    health_svc: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    mut stop: watch::Receiver<bool>,
+) {
     let (broker, admin) = api_services(&shared);
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<api::broker_server::BrokerServer<Api>>()
-        .await;
-    health
-        .set_serving::<api::admin_server::AdminServer<Api>>()
-        .await;
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::api::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -438,16 +493,83 @@ async fn balance_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Rec
     }
 }
 
-async fn retention_loop(host: Arc<RaftHost>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// The clock time-based retention is judged against: the earlier of the wall clock and the
+/// wall clock at start plus the monotonic time since, so a forward step of this node's clock
+/// never ages data (a backward one only delays retention). A step larger than `jump_max` is
+/// logged.
+struct RetentionClock {
+    wall_at_start: i64,
+    started: Instant,
+    jump_max: Duration,
+    warned: bool,
+}
+
+impl RetentionClock {
+    fn new(jump_max: Duration) -> Self {
+        RetentionClock {
+            wall_at_start: now_ms(),
+            started: Instant::now(),
+            jump_max,
+            warned: false,
+        }
+    }
+
+    /// The time to judge retention by, given the wall clock `wall` and the monotonic `mono`.
+    fn judge(&mut self, wall: i64, mono: Instant) -> i64 {
+        let elapsed = mono.duration_since(self.started).as_millis() as i64;
+        let guarded = self.wall_at_start.saturating_add(elapsed);
+        let step = wall.saturating_sub(guarded);
+        if step.unsigned_abs() > self.jump_max.as_millis() as u64 {
+            if !self.warned {
+                tracing::warn!(
+                    step_ms = step,
+                    wall,
+                    guarded,
+                    "the wall clock stepped against the monotonic clock: time-based retention \
+                     follows the monotonic clock, not the step, until the node restarts"
+                );
+                self.warned = true;
+            }
+        } else {
+            self.warned = false;
+        }
+        wall.min(guarded)
+    }
+}
+
+/// On each group this node leads and can serve: asks each partition's log what retention is
+/// due and proposes it (`TrimLog`), so every replica deletes the same records.
+async fn retention_loop(
+    host: Arc<RaftHost>,
+    every: Duration,
+    jump_max: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut clock = RetentionClock::new(jump_max);
     while tick(every, &mut stop).await {
+        let now = clock.judge(now_ms(), Instant::now());
         for g in host.groups() {
+            if !host.metrics(g).is_some_and(|m| m.ready) {
+                continue;
+            }
             let Some(store) = host.store(g) else { continue };
-            let now = now_ms();
-            match tokio::task::spawn_blocking(move || store.apply_retention(now)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(group = g, segments = n, "retention deleted segments"),
-                Ok(Err(e)) => tracing::error!(group = g, error = %e, "retention"),
-                Err(e) => tracing::error!(group = g, error = %e, "retention task"),
+            for t in store.retention_proposals(now) {
+                let (p, start) = (t.partition_id, t.log_start);
+                let cmd = pb::Command {
+                    kind: Some(pb::command::Kind::TrimLog(t)),
+                };
+                match host.write(g, cmd).await {
+                    Ok(_) => tracing::info!(
+                        group = g,
+                        partition = p,
+                        log_start = start,
+                        "retention moved the log start on every replica"
+                    ),
+                    Err(e) => {
+                        tracing::debug!(group = g, partition = p, error = %e, "retention write");
+                        break;
+                    }
+                }
             }
         }
     }

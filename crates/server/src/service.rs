@@ -17,6 +17,8 @@ use runnel_proto::raft as pb;
 use runnel_proto::{partitioner, topic};
 use runnel_raft::{ApplyError, ApplyResult, GroupMetrics, RaftHost, ReadError, WriteError};
 use runnel_storage::StorageError;
+
+use crate::storage_health::StorageHealth;
 use runnel_storage::batch::{self, BatchBuilder, BatchOptions, RecordBatch};
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
@@ -70,6 +72,8 @@ pub struct Shared {
     stopping: watch::Receiver<bool>,
     /// Keeps pipelined batches of idempotent producers in sequence order.
     order: ProduceOrder,
+    /// The node's storage state: write refusals below the free-space floor, cluster status.
+    pub storage: Arc<StorageHealth>,
 }
 
 /// Where a batch of an idempotent producer belongs in its sequence.
@@ -89,8 +93,10 @@ impl Shared {
         host: Arc<RaftHost>,
         meta: watch::Receiver<Arc<MetaImage>>,
         stopping: watch::Receiver<bool>,
+        storage: Arc<StorageHealth>,
     ) -> Self {
         Shared {
+            storage,
             cfg,
             host,
             meta,
@@ -491,6 +497,12 @@ impl Shared {
         timeout: Duration,
         order: Option<Ordered>,
     ) -> Result<ApplyResult, api::Error> {
+        if let Some(why) = self.storage.refuse_writes() {
+            return Err(error(
+                ErrorCode::StorageError,
+                format!("node {} refuses writes: {why}; retry", self.node_id()),
+            ));
+        }
         let write = async {
             let Some(o) = order else {
                 return self.host.write(group, cmd).await;
@@ -1665,13 +1677,23 @@ impl api::admin_server::Admin for Api {
                         &m.voters.iter().copied().collect::<Vec<_>>(),
                     )
                     .unwrap_or(0),
+                    stopped: m.stopped.unwrap_or_default(),
                 }
             })
             .collect();
+        let st = s.storage.status();
         Ok(Response::new(api::ClusterStatusResponse {
             nodes: s.nodes(),
             groups,
             answered_by: s.node_id(),
+            storage: Some(api::StorageStatus {
+                serving: st.problems.is_empty(),
+                problems: st.problems,
+                free_bytes: st.free_bytes,
+                min_free_bytes: s.cfg.storage.min_free_bytes,
+                damaged_reads: st.damaged_reads,
+                group_restarts: st.group_restarts,
+            }),
         }))
     }
 

@@ -120,3 +120,12 @@ mod tests {
         );
     }
 }
+
+/// Bytes an unprivileged writer may still use on the file system holding `path` (`statvfs`:
+/// available blocks times the fragment size).
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let st = rustix::fs::statvfs(path)
+        .map_err(std::io::Error::from)
+        .ctx("statvfs", path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}

@@ -5,15 +5,23 @@
 //! of every batch before an indexed batch, and that batch's relative base offset. Both live in memory for the active segment and are
 //! written, with a CRC-32C and a summary of the segment, when the segment is sealed.
 //!
+//! It also keeps the segment's *epoch runs*: the relative offset at which each leader epoch
+//! (`partitionLeaderEpoch`, stamped at append and not covered by the batch CRC) begins. Every
+//! read checks each batch's epoch against them, and each `baseOffset` against the chain from an
+//! index entry, so no byte outside the batch CRC is served unchecked.
+//!
 //! `.index` file (all big-endian):
 //! ```text
 //! 0   4  magic "RNIX"        16  8  next_offset (offset after the last batch)
-//! 4   2  version (1)         24  8  segment_len (valid bytes of the .log)
+//! 4   2  version (2)         24  8  segment_len (valid bytes of the .log)
 //! 6   2  reserved (0)        32  8  max_timestamp
 //! 8   8  base_offset         40  4  entry count N
 //! 44  8N entries: relative_offset u32, position u32
-//! 44+8N 4 CRC-32C of every byte before it
+//! 44+8N 4 epoch run count M (≥ 1)
+//! 48+8N 8M runs: relative_offset u32 (first 0, increasing), leader epoch i32 (differs from the last)
+//! 48+8N+8M 4 CRC-32C of every byte before it
 //! ```
+//! A version-1 file (no runs) is rebuilt by scanning.
 //! `.timeindex` file: magic "RNTX", version, reserved, base_offset, count N, then `12N` bytes of
 //! entries (timestamp i64, relative_offset u32), then the CRC-32C of every byte before it.
 
@@ -22,6 +30,7 @@ use crate::batch::BatchHeader;
 const INDEX_MAGIC: &[u8; 4] = b"RNIX";
 const TIME_MAGIC: &[u8; 4] = b"RNTX";
 const VERSION: u16 = 1;
+const INDEX_VERSION: u16 = 2;
 const INDEX_HEADER: usize = 44;
 const TIME_HEADER: usize = 20;
 
@@ -43,6 +52,8 @@ pub struct SegmentIndex {
     pub offsets: Vec<(u32, u32)>,
     /// (max timestamp of every batch before it, relative base offset), ascending in both.
     pub times: Vec<(i64, u32)>,
+    /// (relative offset where it begins, leader epoch), ascending in both; the first at 0.
+    pub epochs: Vec<(u32, i32)>,
     last_indexed_pos: Option<usize>,
     max_timestamp: Option<i64>,
 }
@@ -51,6 +62,13 @@ impl SegmentIndex {
     /// Records a batch appended at `position`; adds entries every `interval` bytes.
     pub fn on_append(&mut self, base: u64, position: usize, h: &BatchHeader, interval: usize) {
         let rel = (h.base_offset - base) as u32;
+        if self
+            .epochs
+            .last()
+            .is_none_or(|&(_, e)| e != h.partition_leader_epoch)
+        {
+            self.epochs.push((rel, h.partition_leader_epoch));
+        }
         let due = self
             .last_indexed_pos
             .is_none_or(|last| position - last >= interval);
@@ -74,12 +92,20 @@ impl SegmentIndex {
     }
 
     /// Byte position to start scanning from to find relative offset `rel`.
+    #[cfg(test)]
     pub fn position_for(&self, rel: u32) -> usize {
+        self.entry_for(rel).1
+    }
+
+    /// The indexed batch to start scanning from to find relative offset `rel`: its relative
+    /// base offset and byte position (`(0, 0)`, the segment's first batch, when none is lower).
+    pub fn entry_for(&self, rel: u32) -> (u32, usize) {
         let i = self.offsets.partition_point(|&(r, _)| r <= rel);
         if i == 0 {
-            0
+            (0, 0)
         } else {
-            self.offsets[i - 1].1 as usize
+            let (r, p) = self.offsets[i - 1];
+            (r, p as usize)
         }
     }
 
@@ -94,7 +120,7 @@ impl SegmentIndex {
     pub fn encode_offsets(&self, base: u64, s: &SegmentSummary) -> Vec<u8> {
         let mut b = Vec::with_capacity(INDEX_HEADER + 8 * self.offsets.len() + 4);
         b.extend_from_slice(INDEX_MAGIC);
-        b.extend_from_slice(&VERSION.to_be_bytes());
+        b.extend_from_slice(&INDEX_VERSION.to_be_bytes());
         b.extend_from_slice(&0u16.to_be_bytes());
         b.extend_from_slice(&base.to_be_bytes());
         b.extend_from_slice(&s.next_offset.to_be_bytes());
@@ -104,6 +130,11 @@ impl SegmentIndex {
         for &(r, p) in &self.offsets {
             b.extend_from_slice(&r.to_be_bytes());
             b.extend_from_slice(&p.to_be_bytes());
+        }
+        b.extend_from_slice(&(self.epochs.len() as u32).to_be_bytes());
+        for &(r, e) in &self.epochs {
+            b.extend_from_slice(&r.to_be_bytes());
+            b.extend_from_slice(&e.to_be_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_be_bytes());
@@ -135,7 +166,7 @@ impl SegmentIndex {
         time: &[u8],
         log_file_len: u64,
     ) -> Option<(SegmentIndex, SegmentSummary)> {
-        let body = check_crc(index, INDEX_MAGIC, INDEX_HEADER)?;
+        let body = check_crc(index, INDEX_MAGIC, INDEX_VERSION, INDEX_HEADER)?;
         if u64_at(body, 8) != base {
             return None;
         }
@@ -145,7 +176,13 @@ impl SegmentIndex {
             max_timestamp: u64_at(body, 32) as i64,
         };
         let n = u32_at(body, 40) as usize;
-        if body.len() != INDEX_HEADER + 8 * n
+        let runs_at = INDEX_HEADER.checked_add(n.checked_mul(8)?)?;
+        if body.len() < runs_at + 4 {
+            return None;
+        }
+        let m = u32_at(body, runs_at) as usize;
+        if m == 0
+            || body.len() != runs_at + 4 + 8 * m
             || summary.segment_len == 0
             || summary.segment_len > log_file_len
             || summary.segment_len > u32::MAX as u64
@@ -165,7 +202,19 @@ impl SegmentIndex {
             }
             offsets.push(e);
         }
-        let tbody = check_crc(time, TIME_MAGIC, TIME_HEADER)?;
+        let mut epochs = Vec::with_capacity(m);
+        for i in 0..m {
+            let at = runs_at + 4 + 8 * i;
+            let e = (u32_at(body, at), u32_at(body, at + 4) as i32);
+            let ordered = epochs
+                .last()
+                .map_or(e.0 == 0, |&(r, ep): &(u32, i32)| e.0 > r && e.1 != ep);
+            if !ordered || e.0 as u64 >= rel_end {
+                return None;
+            }
+            epochs.push(e);
+        }
+        let tbody = check_crc(time, TIME_MAGIC, VERSION, TIME_HEADER)?;
         let m = u32_at(tbody, 16) as usize;
         if u64_at(tbody, 8) != base || tbody.len() != TIME_HEADER + 12 * m {
             return None;
@@ -183,6 +232,7 @@ impl SegmentIndex {
         let idx = SegmentIndex {
             offsets,
             times,
+            epochs,
             last_indexed_pos: None,
             max_timestamp: Some(summary.max_timestamp),
         };
@@ -190,8 +240,15 @@ impl SegmentIndex {
     }
 }
 
-fn check_crc<'a>(file: &'a [u8], magic: &[u8; 4], header: usize) -> Option<&'a [u8]> {
-    if file.len() < header + 4 || &file[..4] != magic || u16_at(file, 4) != VERSION {
+/// The leader epoch recorded in `runs` (see [`SegmentIndex::epochs`]) for a batch at relative
+/// offset `rel`; `None` when no batch was recorded there.
+pub fn epoch_at(runs: &[(u32, i32)], rel: u32) -> Option<i32> {
+    let i = runs.partition_point(|&(r, _)| r <= rel);
+    (i > 0).then(|| runs[i - 1].1)
+}
+
+fn check_crc<'a>(file: &'a [u8], magic: &[u8; 4], version: u16, header: usize) -> Option<&'a [u8]> {
+    if file.len() < header + 4 || &file[..4] != magic || u16_at(file, 4) != version {
         return None;
     }
     let (body, crc) = file.split_at(file.len() - 4);

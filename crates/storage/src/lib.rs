@@ -27,7 +27,7 @@ pub mod wal;
 pub use error::{Result, StorageError};
 pub use log::{
     AppendInfo, LogConfig, PartitionLog, RECOVERY_POINT_FILE, Recovery, RecoveryReport,
-    RetentionReport, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SyncHook,
+    RetentionReason, RetentionReport, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SegmentFile, SyncHook,
 };
 pub use persist::PersistMode;
 pub use segment::{INDEX_EXT, LOG_EXT, ReadSlice, TIME_INDEX_EXT};

@@ -149,6 +149,46 @@ pub struct RetentionReport {
     pub log_start: u64,
 }
 
+/// Why retention moves a log's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionReason {
+    /// Records older than `retention_ms`.
+    Age,
+    /// The log is larger than `retention_bytes`.
+    Size,
+}
+
+impl RetentionReason {
+    /// A short name for logs and commands.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionReason::Age => "age",
+            RetentionReason::Size => "size",
+        }
+    }
+}
+
+/// One segment's `.log` file as of a moment, for a checkpoint.
+#[derive(Debug, Clone)]
+pub struct SegmentFile {
+    /// The `.log` file.
+    pub path: PathBuf,
+    /// Its valid length at that moment.
+    pub len: u64,
+    seg: Arc<Segment>,
+}
+
+impl SegmentFile {
+    /// Checks every batch in the first `len` bytes (CRC, offset chain, epochs, lengths) and
+    /// returns the CRC-32C of those bytes.
+    ///
+    /// # Errors
+    /// [`StorageError::Corruption`] at the first batch that fails.
+    pub fn verified_crc32c(&self) -> Result<u32> {
+        self.seg.verified_crc32c(self.len as usize)
+    }
+}
+
 /// Called before every data sync of a partition log; an error is treated exactly like a failed
 /// msync. For fault-injection tests.
 pub type SyncHook = Arc<dyn Fn(&Path) -> std::io::Result<()> + Send + Sync>;
@@ -600,46 +640,87 @@ impl PartitionLog {
         Ok(None)
     }
 
-    /// Deletes whole sealed segments past `retention_ms` (judged against `now_ms`) or beyond
-    /// `retention_bytes`. `log_start` advances before any file is removed.
-    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport> {
+    /// Where retention would move the log start as of `now_ms`, and why: past every sealed
+    /// segment whose newest record is older than `retention_ms`, then past the oldest sealed
+    /// segments while the log is larger than `retention_bytes`. `None` when nothing is due.
+    ///
+    /// A pure decision: nothing changes. A replicated log has its leader decide and every
+    /// replica apply the same [`PartitionLog::advance_start`], so one replica's clock never
+    /// deletes what the others keep.
+    pub fn retention_point(&self, now_ms: i64) -> Option<(u64, RetentionReason)> {
         let segs = self.snapshot();
+        let start = self.log_start();
         let mut total: u64 = segs.iter().map(|s| s.len() as u64).sum();
-        let mut doomed = 0;
+        let mut point = None;
         for seg in &segs[..segs.len() - 1] {
             let expired = self
                 .config
                 .retention_ms
-                .is_some_and(|ms| now_ms - seg.max_timestamp() > ms);
+                .is_some_and(|ms| now_ms.saturating_sub(seg.max_timestamp()) > ms);
             let oversize = self.config.retention_bytes.is_some_and(|max| total > max);
             if !(expired || oversize) {
                 break;
             }
             total -= seg.len() as u64;
-            doomed += 1;
+            let why = if expired {
+                RetentionReason::Age
+            } else {
+                RetentionReason::Size
+            };
+            point = Some((seg.next_offset(), why));
         }
+        point.filter(|&(o, _)| o > start)
+    }
+
+    /// Moves the log start up to `offset` (never back, never past the log end), then deletes
+    /// every sealed segment wholly below it, logging each. Readers holding a map keep it.
+    ///
+    /// `offset` need not be a segment boundary here (replicas may roll at different places);
+    /// it is a batch boundary, as every replica holds the same batches at the same offsets.
+    pub fn advance_start(&self, offset: u64, reason: &str) -> Result<RetentionReport> {
+        let target = offset.min(self.log_end());
+        self.log_start.fetch_max(target, Ordering::AcqRel);
+        let start = self.log_start();
+        let segs = self.snapshot();
+        let doomed: Vec<Arc<Segment>> = segs[..segs.len() - 1]
+            .iter()
+            .take_while(|s| s.next_offset() <= start)
+            .cloned()
+            .collect();
         let mut report = RetentionReport {
-            log_start: self.log_start(),
+            log_start: start,
             ..Default::default()
         };
-        if doomed == 0 {
+        if doomed.is_empty() {
             return Ok(report);
         }
-        let new_start = segs[doomed].base_offset;
-        self.log_start.fetch_max(new_start, Ordering::AcqRel);
         self.segments
             .write()
             .expect("segments lock")
-            .retain(|s| s.base_offset >= new_start);
-        for seg in &segs[..doomed] {
+            .retain(|s| s.next_offset() > start || Arc::ptr_eq(s, segs.last().expect("active")));
+        for seg in &doomed {
             report.bytes_deleted += seg.len() as u64;
+            tracing::info!(dir = %self.dir.display(), from = seg.base_offset,
+                to = seg.next_offset(), bytes = seg.len(), reason, log_start = start,
+                "retention deleted a segment");
             seg.delete_files()?;
         }
         fsutil::fsync_dir(&self.dir)?;
-        report.segments_deleted = doomed;
-        report.log_start = new_start;
-        tracing::info!(dir = %self.dir.display(), ?report, "retention deleted segments");
+        report.segments_deleted = doomed.len();
         Ok(report)
+    }
+
+    /// Applies retention on this log alone, judged against `now_ms`
+    /// ([`PartitionLog::retention_point`] then [`PartitionLog::advance_start`]). For an
+    /// unreplicated log; a replicated one has its leader decide.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport> {
+        match self.retention_point(now_ms) {
+            Some((o, why)) => self.advance_start(o, why.as_str()),
+            None => Ok(RetentionReport {
+                log_start: self.log_start(),
+                ..Default::default()
+            }),
+        }
     }
 
     /// Every segment's `.log` path and valid length, oldest first: what a checkpoint hard-links.
@@ -648,6 +729,19 @@ impl PartitionLog {
         self.snapshot()
             .iter()
             .map(|s| (s.path(LOG_EXT), s.len() as u64))
+            .collect()
+    }
+
+    /// Like [`PartitionLog::segment_files`], with a handle that checks each file's batches
+    /// before vouching for them with a CRC (usable after the log moved on).
+    pub fn segment_handles(&self) -> Vec<SegmentFile> {
+        self.snapshot()
+            .into_iter()
+            .map(|seg| SegmentFile {
+                path: seg.path(LOG_EXT),
+                len: seg.len() as u64,
+                seg,
+            })
             .collect()
     }
 

@@ -49,6 +49,15 @@ impl Poison {
         }
     }
 
+    /// Refuses every later write with `why`, without an fsync having failed: for a handle
+    /// retired on purpose (its files are about to be reopened by a new one).
+    pub fn retire(&self, why: String) {
+        let mut g = self.0.lock().expect("poison lock");
+        if g.is_none() {
+            *g = Some(why);
+        }
+    }
+
     /// True once poisoned.
     pub fn is_poisoned(&self) -> bool {
         self.0.lock().expect("poison lock").is_some()

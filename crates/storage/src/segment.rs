@@ -36,6 +36,21 @@ pub(crate) struct Segment {
     max_timestamp: AtomicI64,
 }
 
+/// A walk over a segment's batches: the next byte position, the offset the batch there must
+/// start at, and the epoch runs its epoch must match.
+struct Walk {
+    expected: u64,
+    pos: usize,
+    epochs: Vec<(u32, i32)>,
+}
+
+impl Walk {
+    fn advance(&mut self, h: &BatchHeader) {
+        self.pos += h.total_len();
+        self.expected = h.next_offset();
+    }
+}
+
 /// Batches read from one segment: whole batches, back to back, sharing the segment's map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadSlice {
@@ -106,18 +121,41 @@ impl Segment {
         self.next_offset.store(h.next_offset(), Ordering::Release);
     }
 
+    /// Where to start walking for relative offset `rel`, and the epoch runs to check against.
+    ///
+    /// Reads `next_offset` before the index: every batch below it is already indexed (the
+    /// writer updates the index, then publishes `next_offset`), so no batch is checked against
+    /// epoch runs that do not know it yet.
+    fn walk_from(&self, rel: u32) -> (Walk, u64) {
+        let known_end = self.next_offset();
+        let idx = self.index.read().expect("index lock");
+        let (r, pos) = idx.entry_for(rel);
+        let walk = Walk {
+            expected: self.base_offset + r as u64,
+            pos,
+            epochs: idx.epochs.clone(),
+        };
+        (walk, known_end)
+    }
+
     /// Reads whole batches starting with the one holding `offset`, at most `max_bytes` (but always
-    /// one batch), none reaching `upper_bound` or beyond. CRCs are checked on the way out.
+    /// one batch), none reaching `upper_bound` or beyond.
+    ///
+    /// Every batch served passes its CRC, and the fields the CRC does not cover are checked
+    /// too: each `baseOffset` continues the chain from an index entry, each
+    /// `partitionLeaderEpoch` matches the epoch runs recorded at append, `magic` and
+    /// `batchLength` are bounded (a wrong length moves the CRC's range, which then fails).
     pub(crate) fn read(
         &self,
         offset: u64,
         max_bytes: usize,
         upper_bound: u64,
     ) -> Result<ReadSlice> {
+        let rel = offset.saturating_sub(self.base_offset).min(u32::MAX as u64) as u32;
+        let (mut w, known_end) = self.walk_from(rel);
         let map = self.map();
         let published = map.published();
-        let rel = offset.saturating_sub(self.base_offset).min(u32::MAX as u64) as u32;
-        let mut pos = self.index.read().expect("index lock").position_for(rel);
+        let bound = upper_bound.min(known_end);
         let empty = ReadSlice {
             bytes: Bytes::new(),
             first_offset: offset,
@@ -125,34 +163,60 @@ impl Segment {
         };
         // Skip batches that end before `offset` by their headers alone.
         let start = loop {
-            if pos >= published {
+            if w.pos >= published || w.expected >= bound {
                 return Ok(empty);
             }
-            let h = self.header_at(&map, pos, published)?;
+            let h = self.header_at(&map, w.pos, published)?;
+            self.check_place(&h, &w)?;
             if h.next_offset() > offset {
-                break (pos, h.base_offset);
+                break (w.pos, h.base_offset);
             }
-            pos += h.total_len();
+            w.advance(&h);
         };
         let mut next = start.1;
-        while pos < published {
-            let h = batch::validate(map.slice(pos, published))
-                .map_err(|e| self.corrupt(pos, &e.to_string()))?;
-            let taken = pos - start.0;
+        while w.pos < published && w.expected < bound {
+            let h = batch::validate(map.slice(w.pos, published))
+                .map_err(|e| self.corrupt(w.pos, &e.to_string()))?;
+            self.check_place(&h, &w)?;
+            let taken = w.pos - start.0;
             if h.next_offset() > upper_bound || (taken > 0 && taken + h.total_len() > max_bytes) {
                 break;
             }
-            pos += h.total_len();
+            w.advance(&h);
             next = h.next_offset();
         }
-        if pos == start.0 {
+        if w.pos == start.0 {
             return Ok(empty);
         }
         Ok(ReadSlice {
-            bytes: map.bytes(start.0, pos),
+            bytes: map.bytes(start.0, w.pos),
             first_offset: start.1,
             next_offset: next,
         })
+    }
+
+    /// Checks every batch of the first `len` bytes (CRC, offset chain, epochs, lengths) and
+    /// returns the CRC-32C of those bytes: a checkpoint vouches only for bytes it checked.
+    pub(crate) fn verified_crc32c(&self, len: usize) -> Result<u32> {
+        let (mut w, known_end) = self.walk_from(0);
+        let map = self.map();
+        let published = map.published();
+        if len > published {
+            return Err(self.corrupt(published, &format!("{len} bytes asked, {published} valid")));
+        }
+        while w.pos < len {
+            if w.expected >= known_end {
+                return Err(self.corrupt(w.pos, "bytes past the last indexed batch"));
+            }
+            let h = batch::validate(map.slice(w.pos, len))
+                .map_err(|e| self.corrupt(w.pos, &e.to_string()))?;
+            self.check_place(&h, &w)?;
+            w.advance(&h);
+        }
+        if w.pos != len {
+            return Err(self.corrupt(w.pos, &format!("last batch runs past byte {len}")));
+        }
+        Ok(crc32c::crc32c(map.slice(0, len)))
     }
 
     /// First offset whose record timestamp is ≥ `ts`, if this segment holds one.
@@ -160,15 +224,15 @@ impl Segment {
         if self.max_timestamp() < ts {
             return Ok(None);
         }
+        let rel = self.index.read().expect("index lock").offset_for_time(ts);
+        let (mut w, known_end) = self.walk_from(rel);
         let map = self.map();
         let published = map.published();
-        let mut pos = {
-            let idx = self.index.read().expect("index lock");
-            idx.position_for(idx.offset_for_time(ts))
-        };
-        while pos < published {
-            let h = self.header_at(&map, pos, published)?;
+        while w.pos < published && w.expected < known_end {
+            let h = self.header_at(&map, w.pos, published)?;
+            self.check_place(&h, &w)?;
             if h.max_timestamp >= ts {
+                let pos = w.pos;
                 let batch = RecordBatch::parse(&map.bytes(pos, pos + h.total_len()))
                     .map_err(|e| self.corrupt(pos, &e.to_string()))?;
                 // Compressed batches are not decoded: the batch's base offset is the answer.
@@ -183,7 +247,7 @@ impl Segment {
                 }
                 return Ok(Some(h.base_offset));
             }
-            pos += h.total_len();
+            w.advance(&h);
         }
         Ok(None)
     }
@@ -195,6 +259,33 @@ impl Segment {
             return Err(self.corrupt(pos, "batch runs past the published length"));
         }
         Ok(h)
+    }
+
+    /// Checks the fields of a batch header that its CRC does not cover against where the
+    /// batch sits: its `baseOffset` must continue the chain, its epoch match the epoch runs.
+    fn check_place(&self, h: &BatchHeader, w: &Walk) -> Result<()> {
+        if h.base_offset != w.expected {
+            return Err(self.corrupt(
+                w.pos,
+                &format!(
+                    "baseOffset {} where offset {} belongs (damage outside the batch CRC)",
+                    h.base_offset, w.expected
+                ),
+            ));
+        }
+        let rel = (h.base_offset - self.base_offset).min(u32::MAX as u64) as u32;
+        let recorded = crate::index::epoch_at(&w.epochs, rel);
+        if recorded != Some(h.partition_leader_epoch) {
+            return Err(self.corrupt(
+                w.pos,
+                &format!(
+                    "partitionLeaderEpoch {} at offset {}, recorded {recorded:?} (damage outside \
+                     the batch CRC)",
+                    h.partition_leader_epoch, h.base_offset
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn corrupt(&self, position: usize, reason: &str) -> StorageError {

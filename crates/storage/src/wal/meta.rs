@@ -32,7 +32,8 @@ pub const VOTE_BYTES_MAX: usize = 256;
 const SLOT: usize = 512;
 const MAGIC: &[u8; 4] = b"RNWM";
 const VERSION: u16 = 1;
-const FILE_NAME: &str = "wal.meta";
+/// Name of the meta file (vote, committed and purge points) in a WAL directory.
+pub const FILE_NAME: &str = "wal.meta";
 /// Where the vote bytes start in a slot (its 2-byte length sits just before).
 const VOTE_AT: usize = 82;
 

@@ -20,7 +20,7 @@
 
 mod meta;
 
-pub use meta::{LogPosition, VOTE_BYTES_MAX, WalMeta};
+pub use meta::{FILE_NAME as META_FILE, LogPosition, VOTE_BYTES_MAX, WalMeta};
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -63,6 +63,10 @@ pub struct WalConfig {
     /// Least time between two saves of a position given to [`Wal::record_committed`], so they
     /// take a small share of the disk's fdatasyncs. Default 10 ms.
     pub committed_save_interval: Duration,
+    /// Open a WAL whose `wal.meta` is missing although it holds log files, recreating the meta
+    /// empty. That forgets the vote (a node may then vote twice in one term, breaking Raft's
+    /// safety), so it is refused unless the operator says so. Default false.
+    pub accept_missing_meta: bool,
 }
 
 impl Default for WalConfig {
@@ -73,6 +77,7 @@ impl Default for WalConfig {
             persist: PersistMode::Fsync,
             repair: false,
             committed_save_interval: Duration::from_millis(10),
+            accept_missing_meta: false,
         }
     }
 }
@@ -272,8 +277,14 @@ impl Wal {
     ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        check_meta_present(&dir, config.accept_missing_meta)?;
         let mut meta = MetaFile::open(&dir)?;
         let (files, recovery) = recover(&dir, &config, meta.state())?;
+        // What recovery kept may sit only in the page cache (a process crash, or a write that
+        // failed halfway on a full disk): make it durable before the Raft layer trusts it.
+        if let Some(f) = files.last() {
+            f.file.sync_data().ctx("fdatasync", &f.path)?;
+        }
         if recovery.repaired.is_some() {
             // What this replica knew committed is no longer all here: forget it, so the Raft
             // layer learns the commit point from the leader again.
@@ -515,6 +526,7 @@ impl Wal {
         let sh = &*self.shared;
         sh.poison.check()?;
         let mut st = self.lock();
+        sh.poison.check()?;
         if keep_next < st.first_readable() {
             return Err(StorageError::InvalidArgument(format!(
                 "cannot truncate from {keep_next}: entries up to {} are purged",
@@ -556,6 +568,7 @@ impl Wal {
         let sh = &*self.shared;
         sh.poison.check()?;
         let _io = sh.meta_io.lock().expect("WAL meta lock");
+        sh.poison.check()?;
         let mut st = self.lock();
         if st
             .meta
@@ -652,6 +665,7 @@ impl Wal {
     /// Sets (durably) or clears the catch-up floor.
     pub fn set_catch_up_floor(&self, floor: Option<u64>) -> Result<()> {
         let _st = self.lock();
+        self.shared.poison.check()?;
         write_catch_up_floor(&self.shared.dir, floor)
     }
 
@@ -662,6 +676,7 @@ impl Wal {
         let sh = &*self.shared;
         sh.poison.check()?;
         let _io = sh.meta_io.lock().expect("WAL meta lock");
+        sh.poison.check()?;
         let mut st = self.lock();
         // A committed position recorded before the reset names entries that are gone.
         st.pending_committed = None;
@@ -700,6 +715,17 @@ impl Wal {
         self.shared.poison.is_poisoned()
     }
 
+    /// Stops this handle for good, though others may still hold it: every later append,
+    /// truncate, purge or meta save fails with [`StorageError::Poisoned`] carrying `why`, and
+    /// any such write in flight has finished when this returns. For reopening the same
+    /// directory in this process (a group restarted after a transient failure or to repair it).
+    pub fn retire(&self, why: &str) {
+        let sh = &*self.shared;
+        sh.poison.retire(format!("retired: {why}"));
+        let _io = sh.meta_io.lock().expect("WAL meta lock");
+        let _st = self.lock();
+    }
+
     /// Flushes and stops the flusher thread.
     pub fn close(mut self) -> Result<()> {
         let r = self.flush();
@@ -720,6 +746,43 @@ impl Wal {
             let _ = h.join();
         }
     }
+}
+
+/// Refuses a WAL directory that holds log files but no meta file (unless `accept`): the meta
+/// holds the node's vote, and a node that forgot its vote may vote twice in one term. The meta
+/// is always created before the first log file, so only deletion explains its absence.
+fn check_meta_present(dir: &Path, accept: bool) -> Result<()> {
+    let meta = dir.join(meta::FILE_NAME);
+    if meta.exists() {
+        return Ok(());
+    }
+    let mut logs = 0;
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let name = entry.ctx("list", dir)?.file_name();
+        if parse_stem(&name.to_string_lossy(), WAL_EXT).is_some() {
+            logs += 1;
+        }
+    }
+    if logs == 0 {
+        return Ok(());
+    }
+    if accept {
+        tracing::error!(dir = %dir.display(), files = logs,
+            "wal.meta is missing: recreating it empty as the operator allowed; this node forgot \
+             its vote and may vote twice in one term");
+        return Ok(());
+    }
+    Err(StorageError::Corruption {
+        path: meta,
+        position: 0,
+        reason: format!(
+            "missing, but the WAL holds {logs} log file(s): this node forgot its vote, committed \
+             index and purge point, and could vote twice in one term. Recover by wiping the data \
+             directory and rejoining under a new node id (`runneld --join`, then `runnel cluster \
+             replace-node`; docs/DEPLOY.md), or, knowing the risk, restart with \
+             `raft.unsafe_accept_lost_vote = true`"
+        ),
+    })
 }
 
 /// Waits until everything written to `sh` so far is durable.
@@ -749,6 +812,7 @@ fn wait(rx: mpsc::Receiver<Result<()>>) -> Result<()> {
 fn save_meta(sh: &Shared, change: impl FnOnce(&State, &mut WalMeta) -> bool) -> Result<()> {
     sh.poison.check()?;
     let _io = sh.meta_io.lock().expect("WAL meta lock");
+    sh.poison.check()?; // a retire may have come while this waited
     let w = {
         let st = sh.state.lock().expect("WAL lock");
         let mut m = st.meta.state().clone();
