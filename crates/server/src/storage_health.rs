@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | free space below `storage.min_free_bytes` | statvfs | writes refused (`STORAGE_ERROR`), leaderships handed away, `NOT_SERVING` until space returns |
 //! | a group stopped by `ENOSPC`/`EDQUOT`/`EMFILE`/`ENFILE` | the group's Raft core stopped | `NOT_SERVING`; once space is back above the floor (or, for descriptors, at once with backoff) the group is reopened from disk and catches up |
+//! | a group stopped on damaged durable data (`corruption in …`) | the same | reopened to verify its checkpoint and repair from a replica |
 //! | a group stopped by anything else (an fsync failed, a bug) | the same | fatal: the node stops so that systemd, Compose or Kubernetes restarts it and recovery runs from disk |
 //! | damage found by a read or a checkpoint | [`GroupStore::damage_found`] | leadership handed to a healthy replica, then the group is reopened to verify its checkpoint and rebuild what is damaged from a replica |
 //!
@@ -29,6 +30,9 @@ pub enum StopCause {
     NoSpace,
     /// Out of file descriptors (`EMFILE`, `ENFILE`): reopen after a backoff.
     NoDescriptors,
+    /// Durable data failed its checks (a damaged checkpoint or segment met by Raft itself):
+    /// reopen to repair from a replica.
+    Damaged,
     /// Anything else: not safe to continue in this process.
     Fatal,
 }
@@ -41,6 +45,8 @@ pub fn classify(error: &str) -> StopCause {
         StopCause::NoSpace
     } else if NO_FDS.iter().any(|e| error.contains(e)) {
         StopCause::NoDescriptors
+    } else if error.contains("corruption in ") {
+        StopCause::Damaged
     } else {
         StopCause::Fatal
     }
@@ -198,7 +204,8 @@ pub async fn watch_loop(
                                 .damaged_before
                                 .fetch_add(store.damage_count(), Ordering::Relaxed);
                         }
-                        match host.restart_group(g, false, &why).await {
+                        let verify = c == StopCause::Damaged;
+                        match host.restart_group(g, verify, &why).await {
                             Ok(()) => {
                                 health.restarts.fetch_add(1, Ordering::Relaxed);
                                 gw.next_try = None;
@@ -337,5 +344,9 @@ mod tests {
             StopCause::Fatal
         );
         assert_eq!(classify("panicked"), StopCause::Fatal);
+        assert_eq!(
+            classify("read manifest: corruption in /d/MANIFEST at byte 0: bad CRC"),
+            StopCause::Damaged
+        );
     }
 }
