@@ -16,5 +16,5 @@ pub mod types;
 
 pub use host::{GroupMetrics, HostConfig, HostError, Proposal, RaftHost, WriteError, Written};
 pub use log_store::LogStore;
-pub use state_machine::{Checkpoint, GroupStore, ReadError, StateMachine};
+pub use state_machine::{Checkpoint, DamageSignal, GroupStore, ReadError, StateMachine};
 pub use types::{ApplyError, ApplyResult, Cmd, NodeAddr, TypeConfig};

@@ -229,6 +229,7 @@ impl GroupRouter<TypeConfig, u64> for Router {
             for (i, f) in ck.manifest.files.iter().enumerate() {
                 let mut file = std::fs::File::open(ck.dir.join(&f.path))?.take(f.len);
                 let mut offset = 0u64;
+                let mut crc = 0u32;
                 loop {
                     let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
                     let n = file.read(&mut buf)?;
@@ -236,6 +237,20 @@ impl GroupRouter<TypeConfig, u64> for Router {
                         break;
                     }
                     buf.truncate(n);
+                    crc = crc32c::crc32c_append(crc, &buf);
+                    if offset + n as u64 == f.len && crc != f.crc32c {
+                        // The file changed on disk since the checkpoint vouched for it: ship
+                        // nothing damaged, and have this replica repaired.
+                        let why = format!(
+                            "corruption in {} at byte 0: checkpoint file no longer matches the \
+                             CRC its manifest recorded",
+                            ck.dir.join(&f.path).display()
+                        );
+                        if let Some(d) = &ck.damage {
+                            d.report(why.clone());
+                        }
+                        return Err(std::io::Error::other(why));
+                    }
                     let data = pb::SnapshotData {
                         file_index: i as u32,
                         offset,

@@ -63,6 +63,43 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     /// Its validated manifest.
     pub manifest: Manifest,
+    /// Where damage found while shipping it is reported: the store that owns it (`None` for
+    /// one being received).
+    pub damage: Option<Arc<DamageSignal>>,
+}
+
+/// Damage to durable data found while serving (a read, a checkpoint, a snapshot being sent):
+/// logged, counted and signalled once to whoever repairs the group.
+#[derive(Debug)]
+pub struct DamageSignal {
+    found: watch::Sender<Option<String>>,
+    count: AtomicU64,
+    dir: PathBuf,
+}
+
+impl DamageSignal {
+    fn new(dir: &Path) -> Self {
+        DamageSignal {
+            found: watch::channel(None).0,
+            count: AtomicU64::new(0),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Records damage described by `why`.
+    pub fn report(&self, why: String) {
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(dir = %self.dir.display(), error = %why, found = n,
+            "damaged data found while serving: this replica will be repaired");
+        self.found.send_if_modified(|d| {
+            if d.is_none() {
+                *d = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,10 +152,8 @@ pub struct GroupStore {
     crc_cache: Mutex<HashMap<(u64, String, u64), u32>>,
     /// A damaged checkpoint dropped at open.
     damage: Option<CheckpointDamage>,
-    /// Damage to durable data found while serving (a read, a checkpoint): the first reason.
-    damage_found: watch::Sender<Option<String>>,
-    /// How many times damage was found while serving.
-    damage_count: AtomicU64,
+    /// Damage to durable data found while serving.
+    damage_found: Arc<DamageSignal>,
     /// Set (under the state lock) when the group is reopened by a new store: this one must
     /// not make a checkpoint current any more.
     retired: std::sync::atomic::AtomicBool,
@@ -163,8 +198,7 @@ impl GroupStore {
             checkpoint_seq: AtomicU64::new(0),
             crc_cache: Mutex::default(),
             damage: None,
-            damage_found: watch::channel(None).0,
-            damage_count: AtomicU64::new(0),
+            damage_found: Arc::new(DamageSignal::new(dir)),
             retired: std::sync::atomic::AtomicBool::new(false),
         };
         // Nothing can be receiving or building a checkpoint yet: drop what a crash left of one.
@@ -281,18 +315,7 @@ impl GroupStore {
     /// whoever repairs the group ([`GroupStore::damage_found`]). Returns `e`.
     pub fn report_damage(&self, e: StorageError) -> StorageError {
         if let StorageError::Corruption { .. } = &e {
-            let n = self.damage_count.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::error!(dir = %self.dir.display(), error = %e, found = n,
-                "damaged data found while serving: this replica will be repaired");
-            let why = e.to_string();
-            self.damage_found.send_if_modified(|d| {
-                if d.is_none() {
-                    *d = Some(why);
-                    true
-                } else {
-                    false
-                }
-            });
+            self.damage_found.report(e.to_string());
         }
         e
     }
@@ -306,12 +329,12 @@ impl GroupStore {
 
     /// Watches for damage found while serving: `Some(reason)` once any was found.
     pub fn damage_found(&self) -> watch::Receiver<Option<String>> {
-        self.damage_found.subscribe()
+        self.damage_found.found.subscribe()
     }
 
     /// How many reads or checkpoints found damaged data in this store.
     pub fn damage_count(&self) -> u64 {
-        self.damage_count.load(Ordering::Relaxed)
+        self.damage_found.count.load(Ordering::Relaxed)
     }
 
     fn log(&self, partition: u64) -> Result<Arc<PartitionLog>, ReadError> {
@@ -773,7 +796,15 @@ impl GroupStore {
         std::fs::rename(&tmp, &dir)?;
         fsutil::fsync_dir(&ck_root).map_err(other)?;
         self.make_current(&id)?;
-        Ok((Checkpoint { dir, manifest }, meta))
+        let damage = Some(Arc::clone(&self.damage_found));
+        Ok((
+            Checkpoint {
+                dir,
+                manifest,
+                damage,
+            },
+            meta,
+        ))
     }
 
     fn make_current(&self, id: &str) -> io::Result<()> {
@@ -798,7 +829,11 @@ impl GroupStore {
         };
         let dir = ck_root.join(id.trim());
         let manifest = Manifest::read(&dir.join(MANIFEST)).map_err(other)?;
-        Ok(Some(Checkpoint { dir, manifest }))
+        Ok(Some(Checkpoint {
+            dir,
+            manifest,
+            damage: Some(Arc::clone(&self.damage_found)),
+        }))
     }
 
     /// Replaces every live partition with the checkpoint's files and its tables.
@@ -912,6 +947,7 @@ impl GroupStore {
         let ck = Checkpoint {
             dir,
             manifest: ck.manifest,
+            damage: Some(Arc::clone(&self.damage_found)),
         };
         let mut st = self.state.lock().expect("state lock");
         if self.retired.load(Ordering::Acquire) {

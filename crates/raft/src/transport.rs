@@ -185,7 +185,11 @@ impl RaftTransport for TransportService {
         };
         let snapshot = Snapshot {
             meta,
-            snapshot: Checkpoint { dir, manifest },
+            snapshot: Checkpoint {
+                dir,
+                manifest,
+                damage: None,
+            },
         };
         let resp = g
             .raft

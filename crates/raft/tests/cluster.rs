@@ -999,3 +999,200 @@ async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
     }
     c.shutdown().await;
 }
+
+/// Flips one bit at `at` in `path`.
+fn flip_bit(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+}
+
+/// Byte position of the `n`th batch (from 0) of a segment file.
+fn batch_position(segment: &std::path::Path, n: usize) -> u64 {
+    let bytes = std::fs::read(segment).unwrap();
+    let mut pos = 0usize;
+    for _ in 0..n {
+        let len = u32::from_be_bytes(bytes[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        pos += 12 + len;
+        assert!(pos < bytes.len(), "{} has fewer batches", segment.display());
+    }
+    pos as u64
+}
+
+/// A three-node group with partition 6 spread over several sealed segments, checkpointed on
+/// every node with its log purged behind the checkpoint.
+async fn checkpointed_cluster() -> Cluster {
+    let cfg = |id: u64, dir: &std::path::Path| {
+        let mut c = config(id, dir);
+        c.snapshot_every_entries = 30;
+        c.log_entries_kept = 5;
+        c
+    };
+    let c = Cluster::start_with(&[1], &cfg).await;
+    c.write(1, create(6)).await;
+    for i in 0..60 {
+        c.write(1, plain(6, &format!("r{i}"), 100)).await;
+    }
+    c.converge(1).await;
+    for h in c.running() {
+        h.checkpoint(1).await.unwrap();
+    }
+    c
+}
+
+/// Damage outside the batch CRC in a sealed, checkpointed segment, found by a read on a
+/// follower: reported (logged, counted, signalled), and reopening the group with verification
+/// drops the damaged checkpoint and rebuilds the replica from the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn damage_found_while_serving_is_reported_and_repaired_by_reopening() {
+    let c = checkpointed_cluster().await;
+    let leader = c.leader(1).await;
+    let victim = c.other_than(&[leader]);
+    let vh = c.host(victim);
+    let seg = c
+        .group_dir(victim, 1)
+        .join("partitions/p6")
+        .join(format!("{:020}.log", 0));
+    flip_bit(&seg, batch_position(&seg, 2) + 7); // baseOffset's low byte
+    let store = vh.store(1).unwrap();
+    let (hw, _) = store.offsets(6).unwrap();
+    let mut at = 0;
+    let err = loop {
+        match store.read(6, at, 1 << 20) {
+            Ok(r) => {
+                assert!(r.next_offset > at && at < hw, "damage served as data");
+                at = r.next_offset;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(err.to_string().contains("baseOffset"), "{err}");
+    assert!(store.damage_found().borrow().is_some());
+    assert_eq!(store.damage_count(), 1);
+    vh.restart_group(1, true, "test: damage found")
+        .await
+        .unwrap();
+    assert_eq!(vh.store(1).unwrap().damage_count(), 0, "a new store");
+    for i in 60..70 {
+        c.write(1, plain(6, &format!("r{i}"), 100)).await;
+    }
+    c.converge(1).await;
+    c.wait_caught_up(victim, 1).await;
+    c.assert_identical(1, 6);
+    assert_eq!(values(&c.host(victim), 1, 6).len(), 7000);
+    c.shutdown().await;
+}
+
+/// A leader whose checkpoint file changed on disk after the checkpoint vouched for it never
+/// ships it: a new replica that needs the snapshot gets nothing damaged, the leader reports
+/// the damage, and once it is reopened a healthy replica brings everyone to identical data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_sender_never_ships_a_file_that_no_longer_matches_its_crc() {
+    let c = checkpointed_cluster().await;
+    let leader = c.leader(1).await;
+    let lh = c.host(leader);
+    lh.wait_until(1, WAIT, "log purged behind a checkpoint", |m| {
+        m.purged.is_some_and(|p| p > 40)
+    })
+    .await
+    .unwrap();
+    let ck_root = c.group_dir(leader, 1).join("checkpoints");
+    let id = std::fs::read_to_string(ck_root.join("CURRENT")).unwrap();
+    let seg = ck_root
+        .join(id.trim())
+        .join("p6")
+        .join(format!("{:020}.log", 0));
+    flip_bit(&seg, batch_position(&seg, 1) + 80); // inside the records
+    let mut found = lh.store(1).unwrap().damage_found();
+    // A new replica (node 4) can only catch up by snapshot.
+    let dir4 = c.tmp.path().join("n4");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr4 = l.local_addr().unwrap().to_string();
+    drop(l);
+    let h4 = start_host(4, &dir4, &addr4, &[1], &config).await;
+    c.live.lock().unwrap().insert(4, Arc::clone(&h4));
+    let adding = {
+        let (lh, addr4) = (Arc::clone(&lh), addr4.clone());
+        tokio::spawn(async move { lh.add_learner(1, 4, &addr4).await })
+    };
+    tokio::time::timeout(WAIT, found.wait_for(|d| d.is_some()))
+        .await
+        .expect("the sender reports the damage")
+        .unwrap();
+    assert!(
+        h4.store(1).unwrap().offsets(6).is_none(),
+        "a damaged snapshot was installed"
+    );
+    // Reopened, the damaged leader gives way; a healthy replica serves everyone.
+    lh.restart_group(1, true, "test: damage found")
+        .await
+        .unwrap();
+    adding.abort();
+    let new_leader = ready_leader(&c.live, 1).await;
+    assert_ne!(new_leader.node_id(), leader);
+    new_leader.add_learner(1, 4, &addr4).await.unwrap();
+    c.write(1, plain(6, "after", 100)).await;
+    c.converge(1).await;
+    c.wait_caught_up(leader, 1).await;
+    c.assert_identical(1, 6);
+    assert_eq!(values(&h4, 1, 6).len(), 6100);
+    c.shutdown().await;
+}
+
+/// Retention is a replicated decision: a replica's own clock finds records due, but only a
+/// `TrimLog` through Raft moves the log start, and then on every replica alike, even inside a
+/// segment; a restart from the checkpoint keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_moves_the_log_start_on_every_replica_alike() {
+    let c = checkpointed_cluster().await;
+    let leader = c.leader(1).await;
+    let follower = c.other_than(&[leader]);
+    let fstore = c.host(follower).store(1).unwrap();
+    // Eight days ahead on one replica: it would delete, but deciding changes nothing.
+    let ahead = 1_700_000_000_000 + 8 * 24 * 3600 * 1000;
+    let proposals = fstore.retention_proposals(ahead);
+    assert_eq!(proposals.len(), 1, "{proposals:?}");
+    assert!(
+        c.running()
+            .iter()
+            .all(|h| { h.store(1).unwrap().offsets(6).unwrap().1 == 0 })
+    );
+    // Inside a segment (a batch boundary: every batch holds 100 records).
+    let start = proposals[0].log_start + 300;
+    let trim = pb::Command {
+        kind: Some(pb::command::Kind::TrimLog(pb::TrimLog {
+            partition_id: 6,
+            log_start: start,
+            reason: "test".into(),
+        })),
+    };
+    c.write(1, trim).await;
+    c.converge(1).await;
+    for h in c.running() {
+        assert_eq!(
+            h.store(1).unwrap().offsets(6).unwrap().1,
+            start,
+            "node {}",
+            h.node_id()
+        );
+    }
+    c.assert_identical(1, 6);
+    for h in c.running() {
+        h.checkpoint(1).await.unwrap();
+    }
+    c.stop(follower).await;
+    c.restart(follower).await;
+    c.converge(1).await;
+    assert_eq!(
+        c.host(follower).store(1).unwrap().offsets(6).unwrap().1,
+        start
+    );
+    assert_eq!(values(&c.host(follower), 1, 6).len() as u64, 6000 - start);
+    c.shutdown().await;
+}

@@ -36,7 +36,9 @@ fn build(dir: &Path) -> Vec<u64> {
     let log = PartitionLog::open(dir, cfg(), Recovery::Recorded).unwrap();
     let mut first_segment = Vec::new();
     for id in 0..80u64 {
-        let info = log.append(&batch(id, 3), if id < 40 { 1 } else { 2 }).unwrap();
+        let info = log
+            .append(&batch(id, 3), if id < 40 { 1 } else { 2 })
+            .unwrap();
         if info.segment_base == 0 {
             first_segment.push(info.position);
         }
@@ -90,7 +92,11 @@ fn the_intact_log_reads_back_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     build(dir.path());
     let log = PartitionLog::open(dir.path(), cfg(), Recovery::Recorded).unwrap();
-    assert_eq!(log.recovery_report().indexes_rebuilt, 0, "index files trusted");
+    assert_eq!(
+        log.recovery_report().indexes_rebuilt,
+        0,
+        "index files trusted"
+    );
     assert_eq!(read_everything(&log).unwrap(), 80);
     read_each_offset(&log).unwrap();
     for seg in log.segment_handles() {
@@ -145,7 +151,9 @@ fn a_flip_of_the_epoch_in_the_active_segment_is_caught_too() {
     for id in 0..5u64 {
         infos.push(log.append(&batch(id, 2), 7).unwrap());
     }
-    let seg = dir.path().join(format!("{:020}.log", infos[2].segment_base));
+    let seg = dir
+        .path()
+        .join(format!("{:020}.log", infos[2].segment_base));
     flip(&seg, infos[2].position + 15, 0x08);
     let e = read_everything(&log).unwrap_err();
     assert!(e.to_string().contains("partitionLeaderEpoch"), "{e}");
@@ -172,15 +180,16 @@ fn a_replicated_log_start_may_fall_inside_a_segment_and_survives_only_as_given()
     let bases: Vec<u64> = log
         .segment_files()
         .iter()
-        .map(|(p, _)| {
-            p.file_stem().unwrap().to_str().unwrap().parse().unwrap()
-        })
+        .map(|(p, _)| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
         .collect();
     // A start inside the second segment (a batch boundary: batches hold 3 records).
     let start = bases[1] + 3;
     let rep = log.advance_start(start, "test").unwrap();
     assert_eq!(rep.log_start, start);
-    assert_eq!(rep.segments_deleted, 1, "only the wholly covered segment goes");
+    assert_eq!(
+        rep.segments_deleted, 1,
+        "only the wholly covered segment goes"
+    );
     assert_eq!(log.log_start(), start);
     assert!(matches!(
         log.read(start - 1, 1 << 20, log.log_end()),
@@ -206,9 +215,12 @@ fn retention_point_decides_and_changes_nothing() {
     let segments = log.segment_count();
     let (point, why) = log.retention_point(i64::MAX / 2).unwrap();
     assert_eq!(why.as_str(), "age");
-    assert_eq!(point, log.segment_files().last().map_or(0, |(p, _)| {
-        p.file_stem().unwrap().to_str().unwrap().parse().unwrap()
-    }));
+    assert_eq!(
+        point,
+        log.segment_files().last().map_or(0, |(p, _)| {
+            p.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+        })
+    );
     assert_eq!(log.log_start(), 0, "a decision deletes nothing");
     assert_eq!(log.segment_count(), segments);
     assert_eq!(log.retention_point(1000), None, "records are not old yet");
@@ -240,7 +252,11 @@ fn a_wal_whose_meta_is_gone_is_refused_unless_the_operator_accepts() {
         },
     )
     .unwrap();
-    assert_eq!(wal.read_vote(), None, "the vote is gone: the override says so");
+    assert_eq!(
+        wal.read_vote(),
+        None,
+        "the vote is gone: the override says so"
+    );
 }
 
 #[test]
