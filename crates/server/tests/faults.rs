@@ -236,6 +236,34 @@ async fn fault_13_kill_consumers() {
     scenarios::once(runnel_fault::scenario::Scenario::KillConsumers).await;
 }
 
+/// Issue 14, item 1 and 2: bit flips anywhere in one node's committed batches (header fields
+/// outside the batch CRC included) and in its checkpoint manifests are never served; the node
+/// finds them, reports them and repairs from a healthy replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_14_bit_flips() {
+    scenarios::once(runnel_fault::scenario::Scenario::BitFlip).await;
+}
+
+/// Issue 14, item 3: a node whose (tmpfs) disk fills says so and gives way, then serves again
+/// by itself once the space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_15_disk_full() {
+    scenarios::once(runnel_fault::scenario::Scenario::DiskFull).await;
+}
+
+/// Issue 14, item 4: one node's wall clock eight days ahead deletes nothing, and every replica
+/// keeps the same log start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_16_clock_step() {
+    scenarios::once(runnel_fault::scenario::Scenario::ClockStep).await;
+}
+
+/// Issue 14, item 5: a node whose vote record is gone refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_17_lost_vote() {
+    scenarios::once(runnel_fault::scenario::Scenario::LostVote).await;
+}
+
 // The long tier (README): `cargo nextest run -p runnel-server --test faults --run-ignored only`.
 // Every scenario with three seeds of 60 s, then a 30-minute soak rotating through all faults.
 

@@ -42,7 +42,7 @@ impl Report {
 }
 
 /// Every violation kind, so a clean report lists them all with zero.
-pub const KINDS: [&str; 12] = [
+pub const KINDS: [&str; 17] = [
     "lost acknowledged writes",
     "offsets with two values",
     "duplicated values",
@@ -55,6 +55,19 @@ pub const KINDS: [&str; 12] = [
     "commits gone back or lost",
     "acks at a different offset",
     "writes resumed later than 5 s after a heal",
+    "replicas with another log start",
+    "replicas missing records",
+    "nodes that exited on their own",
+    "lost votes accepted",
+    "storage failures not reported or not healed",
+];
+
+/// Fault kinds the nemesis records when the system under test misbehaved, and the violation
+/// each counts as.
+const MISBEHAVIOUR: [(&str, &str); 3] = [
+    ("exited", "nodes that exited on their own"),
+    ("lost-vote-accepted", "lost votes accepted"),
+    ("storage-unreported", "storage failures not reported or not healed"),
 ];
 
 /// Time allowed between a heal (or restart) and the next acknowledged write.
@@ -87,6 +100,11 @@ pub fn check(h: &History) -> Report {
     }
     for f in &h.faults {
         *r.faults.entry(f.kind.clone()).or_default() += 1;
+        for (kind, violation) in MISBEHAVIOUR {
+            if f.kind == kind {
+                r.count(violation, || format!("{}: {}", f.kind, f.target));
+            }
+        }
     }
     r.polled = h.polls.iter().map(|p| p.records.len() as u64).sum();
 
@@ -242,6 +260,33 @@ pub fn check(h: &History) -> Report {
                 });
                 break;
             }
+        }
+        // Every replica, not only the longest copy: the same log start, every record.
+        if f.log_start != l.log_start {
+            r.count("replicas with another log start", || {
+                format!(
+                    "partition {}: {} starts at {}, the leader at {}",
+                    f.partition, f.source, f.log_start, l.log_start
+                )
+            });
+        }
+        let want = l
+            .records
+            .iter()
+            .filter(|(o, _)| *o >= f.log_start.max(l.log_start))
+            .count();
+        let have = f
+            .records
+            .iter()
+            .filter(|(o, _)| *o >= f.log_start.max(l.log_start))
+            .count();
+        if f.high_watermark != l.high_watermark || have != want {
+            r.count("replicas missing records", || {
+                format!(
+                    "partition {}: {} holds {have} records up to {}, the leader {want} up to {}",
+                    f.partition, f.source, f.high_watermark, l.high_watermark
+                )
+            });
         }
         if f.high_watermark > l.high_watermark {
             r.count("replicas that diverge", || {
@@ -538,5 +583,30 @@ mod tests {
         h.sends
             .push(send("e", 7000.0, 7001.0, None, Outcome::Unknown));
         only(&check(&h), "writes resumed later than 5 s after a heal");
+
+        // One replica deleted a prefix the others keep (its own clock's retention).
+        let mut h = clean();
+        h.finals[1].log_start = 1;
+        h.finals[1].records.remove(0);
+        only(&check(&h), "replicas with another log start");
+
+        // One replica never caught up (a zombie): it holds less than the leader.
+        let mut h = clean();
+        h.finals[1].records.truncate(1);
+        h.finals[1].high_watermark = 1;
+        only(&check(&h), "replicas missing records");
+
+        for (kind, violation) in MISBEHAVIOUR {
+            let mut h = clean();
+            h.faults.push(crate::history::Fault {
+                time: 10.0,
+                kind: kind.into(),
+                target: "node 2".into(),
+                faulty_nodes: 1,
+                leader_kill: false,
+                partitions: Vec::new(),
+            });
+            only(&check(&h), violation);
+        }
     }
 }

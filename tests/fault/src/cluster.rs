@@ -16,17 +16,43 @@ use rand::rngs::StdRng;
 use crate::ports::{PortLock, free_port};
 use crate::proxy::LinkProxy;
 
-/// Raft timing and background settings every harness node runs with.
-const CONFIG: &str = "\
-[raft]
-heartbeat_ms = 100
-election_timeout_min_ms = 1000
-election_timeout_max_ms = 2000
+/// What a cluster's nodes run with beyond the harness defaults, for the faults that need it.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Each node's data directory is a tmpfs of this many MiB (mounting needs root or
+    /// CAP_SYS_ADMIN): a small disk that [`FaultCluster::fill_disk`] can fill.
+    pub disk_mib: Option<u64>,
+    /// Each node's wall clock runs through libfaketime (monotonic time untouched), steppable
+    /// with [`FaultCluster::step_clock`].
+    pub fake_clock: bool,
+    /// `storage.min_free_bytes`; `None`: the node's default.
+    pub min_free_bytes: Option<u64>,
+    /// `background.retention_check_ms`; 0: retention off.
+    pub retention_check_ms: u64,
+    /// `background.checkpoint_interval_ms`; `None`: the node's default.
+    pub checkpoint_interval_ms: Option<u64>,
+}
 
-[background]
-retention_check_ms = 0
-leader_balance_ms = 2000
-";
+/// Where libfaketime lives (Debian's `faketime` package).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+impl Options {
+    /// Raft timing and background settings every harness node runs with, plus these options.
+    fn config(&self) -> String {
+        let mut c = String::from(
+            "[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 1000\n\
+             election_timeout_max_ms = 2000\n\n[background]\nleader_balance_ms = 2000\n",
+        );
+        c += &format!("retention_check_ms = {}\n", self.retention_check_ms);
+        if let Some(ms) = self.checkpoint_interval_ms {
+            c += &format!("checkpoint_interval_ms = {ms}\n");
+        }
+        if let Some(b) = self.min_free_bytes {
+            c += &format!("\n[storage]\nmin_free_bytes = {b}\n");
+        }
+        c
+    }
+}
 
 /// One node process.
 #[derive(Debug)]
@@ -56,6 +82,17 @@ pub struct Surgery {
     pub cut: u64,
 }
 
+/// A bit flipped by the harness, for the history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Flip {
+    /// The file.
+    pub file: PathBuf,
+    /// The byte.
+    pub position: u64,
+    /// Which field of a batch (or which file) it hit.
+    pub field: String,
+}
+
 /// Three proxied `runneld` processes.
 pub struct FaultCluster {
     /// The nodes, index `id - 1`.
@@ -65,6 +102,7 @@ pub struct FaultCluster {
     bin: PathBuf,
     dir: PathBuf,
     data_groups: u32,
+    opts: Options,
     _ports: Vec<PortLock>,
 }
 
@@ -85,8 +123,25 @@ impl FaultCluster {
     /// Starts three nodes of `bin` (a `runneld`) under `dir`, with `data_groups` data groups;
     /// `seed` fixes the proxies' random resets. Must run inside a Tokio runtime.
     pub fn start(bin: &Path, dir: &Path, data_groups: u32, seed: u64) -> FaultCluster {
+        Self::start_with(bin, dir, data_groups, seed, Options::default())
+    }
+
+    /// [`FaultCluster::start`] with `opts`.
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        data_groups: u32,
+        seed: u64,
+        opts: Options,
+    ) -> FaultCluster {
         std::fs::create_dir_all(dir).expect("cluster dir");
-        std::fs::write(dir.join("runneld.toml"), CONFIG).expect("config");
+        std::fs::write(dir.join("runneld.toml"), opts.config()).expect("config");
+        if opts.fake_clock {
+            assert!(
+                Path::new(LIBFAKETIME).exists(),
+                "{LIBFAKETIME} is missing: apt-get install faketime"
+            );
+        }
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
@@ -123,12 +178,168 @@ impl FaultCluster {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             data_groups,
+            opts,
             _ports: ports,
         };
         for id in 1..=3 {
+            if let Some(mib) = c.opts.disk_mib {
+                let data = c.nodes[id as usize - 1].data.clone();
+                mount_tmpfs(&data, mib);
+            }
+            if c.opts.fake_clock {
+                std::fs::write(c.clock_file(id), "+0\n").expect("clock file");
+            }
             c.spawn(id);
         }
         c
+    }
+
+    fn clock_file(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}.faketime"))
+    }
+
+    /// Steps node `id`'s wall clock to `offset` from the real one (libfaketime syntax: `+8d`,
+    /// `-1h`, `+0`); monotonic time is untouched, as with an NTP step. Needs
+    /// [`Options::fake_clock`].
+    pub fn step_clock(&self, id: u64, offset: &str) {
+        assert!(self.opts.fake_clock, "the cluster runs without a fake clock");
+        fsutil_write_atomic(&self.clock_file(id), format!("{offset}\n").as_bytes());
+    }
+
+    /// Fills node `id`'s small disk (see [`Options::disk_mib`]) with a filler file until the
+    /// file system refuses more; returns the bytes written.
+    pub fn fill_disk(&self, id: u64) -> u64 {
+        use std::io::Write;
+        assert!(self.opts.disk_mib.is_some(), "the cluster has no small disks");
+        let path = self.nodes[id as usize - 1].data.join("filler");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("filler");
+        let chunk = vec![0xA5u8; 64 * 1024];
+        let mut written = 0u64;
+        // Bounded by the disk's size: every round either writes a chunk or stops.
+        let most = self.opts.disk_mib.unwrap_or(0) * 16 + 16;
+        for _ in 0..most {
+            match f.write(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => written += n as u64,
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+
+    /// Removes the filler [`FaultCluster::fill_disk`] wrote on node `id`.
+    pub fn free_disk(&self, id: u64) {
+        let _ = std::fs::remove_file(self.nodes[id as usize - 1].data.join("filler"));
+    }
+
+    /// Flips one random bit in a random committed batch of a random partition segment of node
+    /// `id` (running or not; data groups only): any field, header or records, in any segment,
+    /// sealed, checkpointed or active.
+    pub fn flip_batch_bit(&self, id: u64, rng: &mut StdRng) -> Option<Flip> {
+        let mut files = Vec::new();
+        collect(&self.nodes[id as usize - 1].data, &mut files);
+        let segments: Vec<(PathBuf, Vec<(u64, u64)>)> = files
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "log"))
+            .filter(|f| {
+                let s = f.to_string_lossy();
+                s.contains("/partitions/") && !s.contains("/groups/0/")
+            })
+            .filter_map(|f| {
+                let b = batches(&f).ok()?;
+                (!b.is_empty()).then_some((f, b))
+            })
+            .collect();
+        if segments.is_empty() {
+            return None;
+        }
+        let (file, batches) = &segments[rng.random_range(0..segments.len())];
+        let (pos, len) = batches[rng.random_range(0..batches.len())];
+        let at = rng.random_range(0..len);
+        let bit = rng.random_range(0..8u8);
+        flip(file, pos + at, 1 << bit).ok()?;
+        Some(Flip {
+            file: file.clone(),
+            position: pos + at,
+            field: field_name(at).to_string(),
+        })
+    }
+
+    /// Flips one random bit of the current checkpoint manifest of a random data group of node
+    /// `id` (which must not run).
+    pub fn flip_manifest_bit(&self, id: u64, rng: &mut StdRng) -> Option<Flip> {
+        assert!(!self.is_up(id), "manifest surgery on a running node");
+        let mut files = Vec::new();
+        collect(&self.nodes[id as usize - 1].data, &mut files);
+        let manifests: Vec<PathBuf> = files
+            .into_iter()
+            .filter(|f| f.file_name().is_some_and(|n| n == "MANIFEST"))
+            .filter(|f| !f.to_string_lossy().contains("/groups/0/"))
+            .collect();
+        if manifests.is_empty() {
+            return None;
+        }
+        let file = manifests[rng.random_range(0..manifests.len())].clone();
+        let len = std::fs::metadata(&file).ok()?.len();
+        let at = rng.random_range(0..len);
+        flip(&file, at, 1 << rng.random_range(0..8u8)).ok()?;
+        Some(Flip {
+            file,
+            position: at,
+            field: "checkpoint manifest".into(),
+        })
+    }
+
+    /// Deletes the vote record (`wal.meta`) of a random data group of node `id` (which must
+    /// not run), keeping a copy for [`FaultCluster::restore_wal_meta`]; returns its path.
+    pub fn delete_wal_meta(&self, id: u64, rng: &mut StdRng) -> Option<PathBuf> {
+        assert!(!self.is_up(id), "surgery on a running node");
+        let g = rng.random_range(1..=u64::from(self.data_groups));
+        let meta = self.nodes[id as usize - 1]
+            .data
+            .join(format!("groups/{g}/wal/wal.meta"));
+        std::fs::copy(&meta, meta.with_extension("meta.kept")).ok()?;
+        std::fs::remove_file(&meta).ok()?;
+        Some(meta)
+    }
+
+    /// Puts back a vote record [`FaultCluster::delete_wal_meta`] removed.
+    pub fn restore_wal_meta(&self, meta: &Path) {
+        std::fs::rename(meta.with_extension("meta.kept"), meta).expect("restore wal.meta");
+    }
+
+    /// Waits (bounded) for node `id`'s process to exit by itself; its exit status, or `None`
+    /// if it still runs after `limit`.
+    pub fn wait_exit(&mut self, id: u64, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        let n = &mut self.nodes[id as usize - 1];
+        while std::time::Instant::now() < deadline {
+            let c = n.child.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                n.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Nodes whose process exited by itself (reaped), as a supervisor would see them.
+    pub fn exited(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for n in &mut self.nodes {
+            if let Some(c) = n.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                n.child = None;
+                out.push(n.id);
+            }
+        }
+        out
     }
 
     /// The client addresses (the client proxies) of every node.
@@ -195,6 +406,7 @@ impl FaultCluster {
         let nodes_arg = self.nodes_arg(id);
         let config = self.dir.join("runneld.toml");
         let groups = self.data_groups;
+        let (fake_clock, clock_file) = (self.opts.fake_clock, self.clock_file(id));
         let n = &mut self.nodes[id as usize - 1];
         assert!(n.child.is_none(), "node {id} already runs");
         let log = std::fs::OpenOptions::new()
@@ -218,6 +430,7 @@ impl FaultCluster {
             .arg("--data-groups")
             .arg(groups.to_string())
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(clock_env(fake_clock, &clock_file))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -373,6 +586,83 @@ impl FaultCluster {
     }
 }
 
+/// The environment that runs a process under libfaketime reading its offset from `file`.
+fn clock_env(on: bool, file: &Path) -> Vec<(String, String)> {
+    if !on {
+        return Vec::new();
+    }
+    vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            file.to_string_lossy().into_owned(),
+        ),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
+fn fsutil_write_atomic(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+fn mount_tmpfs(dir: &Path, mib: u64) {
+    std::fs::create_dir_all(dir).expect("data dir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(
+        st.success(),
+        "cannot mount a {mib} MiB tmpfs at {} (needs root or CAP_SYS_ADMIN)",
+        dir.display()
+    );
+}
+
+/// (position, length) of every batch of a segment file, up to its zeros.
+fn batches(file: &Path) -> std::io::Result<Vec<(u64, u64)>> {
+    let bytes = std::fs::read(file)?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + 61 <= bytes.len() {
+        if bytes[pos..pos + 17].iter().all(|b| *b == 0) {
+            break;
+        }
+        let len = u32::from_be_bytes(bytes[pos + 8..pos + 12].try_into().expect("4")) as usize;
+        let total = 12 + len;
+        if len < 49 || pos + total > bytes.len() {
+            break;
+        }
+        out.push((pos as u64, total as u64));
+        pos += total;
+    }
+    Ok(out)
+}
+
+/// The name of the batch field holding byte `at` of a batch.
+fn field_name(at: u64) -> &'static str {
+    match at {
+        0..8 => "baseOffset",
+        8..12 => "batchLength",
+        12..16 => "partitionLeaderEpoch",
+        16 => "magic",
+        17..21 => "crc",
+        21..61 => "header inside the CRC",
+        _ => "records",
+    }
+}
+
+fn flip(file: &Path, at: u64, mask: u8) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)?;
+    f.write_all_at(&[b[0] ^ mask], at)
+}
+
 /// Length of `file` without its trailing zero bytes.
 fn data_end(file: &Path) -> std::io::Result<u64> {
     use std::io::{Read, Seek, SeekFrom};
@@ -412,6 +702,9 @@ impl Drop for FaultCluster {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+            if self.opts.disk_mib.is_some() {
+                let _ = Command::new("umount").arg("-l").arg(&n.data).status();
             }
         }
     }

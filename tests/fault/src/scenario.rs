@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::checker::{Report, check};
-use crate::cluster::FaultCluster;
+use crate::cluster::{FaultCluster, Options};
 use crate::history::{Fault, FinalRead, History, Recorder};
 use crate::workload::{self, TOPIC};
 
@@ -46,13 +46,23 @@ pub enum Scenario {
     Surgery,
     /// 13. SIGKILL consumers between fetching and committing.
     KillConsumers,
+    /// 14. Flip bits in one node's data while it runs: any field of any committed batch, in
+    /// sealed, checkpointed or active segments; or, while it is stopped, in a checkpoint
+    /// manifest.
+    BitFlip,
+    /// 15. Fill one node's (small, tmpfs) disk, then free it.
+    DiskFull,
+    /// 16. Step one node's wall clock eight days forward (libfaketime), then back.
+    ClockStep,
+    /// 17. Delete a stopped node's vote record (`wal.meta`): it must refuse to start.
+    LostVote,
     /// The soak: one cycle of a random other scenario after another.
     Rotating,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::NoFaults,
         Scenario::KillLeader,
         Scenario::KillRandom,
@@ -66,7 +76,47 @@ impl Scenario {
         Scenario::Flaky,
         Scenario::Surgery,
         Scenario::KillConsumers,
+        Scenario::BitFlip,
+        Scenario::DiskFull,
+        Scenario::ClockStep,
+        Scenario::LostVote,
     ];
+
+    /// What the cluster must run with for this scenario's faults.
+    pub fn options(self) -> Options {
+        match self {
+            Scenario::BitFlip => Options {
+                checkpoint_interval_ms: Some(3000),
+                ..Options::default()
+            },
+            Scenario::DiskFull => Options {
+                disk_mib: Some(256),
+                min_free_bytes: Some(24 << 20),
+                ..Options::default()
+            },
+            Scenario::ClockStep => Options {
+                fake_clock: true,
+                retention_check_ms: 300,
+                ..Options::default()
+            },
+            _ => Options::default(),
+        }
+    }
+
+    /// Segment size of the workload's topic: small where the faults need sealed segments or
+    /// segment rolls on a small disk (the server's minimum, 1 MiB); 0: the cluster default.
+    pub fn segment_bytes(self) -> u64 {
+        match self {
+            Scenario::BitFlip | Scenario::DiskFull | Scenario::ClockStep => 1 << 20,
+            _ => 0,
+        }
+    }
+
+    /// Whether the rotating soak may pick it: scenarios needing special cluster options run
+    /// only on their own.
+    fn rotates(self) -> bool {
+        self.options().disk_mib.is_none() && !self.options().fake_clock
+    }
 }
 
 /// How to run.
@@ -126,6 +176,8 @@ struct Nemesis<'a> {
     down: BTreeSet<u64>,
     /// Partitions the node [`Nemesis::leader`] last returned leads.
     led: Vec<u32>,
+    /// The one node whose data the bit-flip scenario damages (one faulty replica at a time).
+    victim: Option<u64>,
 }
 
 impl Nemesis<'_> {
@@ -205,6 +257,23 @@ impl Nemesis<'_> {
         others[self.rng.random_range(0..others.len())]
     }
 
+    fn note_flip(&self, node: u64, flip: Option<crate::cluster::Flip>, how: &str) {
+        match flip {
+            Some(f) => self.note(
+                "bit-flip",
+                format!(
+                    "node {node} ({how}): {} byte {} ({})",
+                    f.file.display(),
+                    f.position,
+                    f.field
+                ),
+                1,
+                false,
+            ),
+            None => self.note("bit-flip", format!("node {node}: no file yet"), 0, false),
+        }
+    }
+
     fn kill(&mut self, id: u64, leader: bool) {
         self.cluster.kill(id);
         self.down.insert(id);
@@ -225,8 +294,12 @@ impl Nemesis<'_> {
     async fn run(&mut self, scenario: Scenario, until: Instant, consumers: &mut Consumers) {
         while Instant::now() < until {
             let s = if scenario == Scenario::Rotating {
-                // Every fault scenario (ALL[0] is the fault-free one).
-                let pick = &Scenario::ALL[1..];
+                // Every fault scenario (ALL[0] is the fault-free one) the soak's cluster runs.
+                let pick: Vec<Scenario> = Scenario::ALL[1..]
+                    .iter()
+                    .copied()
+                    .filter(|s| s.rotates())
+                    .collect();
                 pick[self.rng.random_range(0..pick.len())]
             } else {
                 scenario
@@ -235,8 +308,36 @@ impl Nemesis<'_> {
         }
     }
 
+    /// Restarts nodes whose process exited by itself, as systemd or Kubernetes would, and
+    /// records each exit (a node should never stop on its own in these scenarios).
+    fn supervise(&mut self) {
+        for id in self.cluster.exited() {
+            self.note("exited", format!("node {id}"), 1, false);
+            self.cluster.restart(id);
+        }
+    }
+
+    /// Whether node `id` says its storage serves (`ClusterStatus` asked of the node itself).
+    async fn storage_serving(&self, id: u64) -> Option<bool> {
+        let addr = format!("http://{}", self.cluster.nodes[id as usize - 1].client);
+        let call = async {
+            let mut a = api::admin_client::AdminClient::connect(addr).await.ok()?;
+            let r = a
+                .cluster_status(api::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            r.storage.map(|s| s.serving)
+        };
+        tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// One cycle of scenario `s`'s faults: inject, wait, heal.
     async fn step(&mut self, s: Scenario, consumers: &mut Consumers) {
+        self.supervise();
         {
             match s {
                 Scenario::Rotating => unreachable!("a rotation picks a concrete scenario"),
@@ -381,6 +482,103 @@ impl Nemesis<'_> {
                     consumers.kill_and_restart(c);
                     self.note("consumer-kill", format!("consumer {c}"), 0, false);
                 }
+                Scenario::BitFlip => {
+                    self.sleep_ms(2000, 3500).await;
+                    // One damaged replica at a time: damage to two copies of the same bytes
+                    // before either is repaired is a double fault.
+                    self.wait_caught_up(Duration::from_secs(30)).await;
+                    let v = match self.victim {
+                        Some(v) => v,
+                        None => *self.victim.insert(self.rng.random_range(1..=3)),
+                    };
+                    if self.rng.random_bool(0.75) {
+                        let flip = self.cluster.flip_batch_bit(v, &mut self.rng);
+                        self.note_flip(v, flip, "running");
+                    } else {
+                        self.kill(v, false);
+                        let flip = self.cluster.flip_manifest_bit(v, &mut self.rng);
+                        self.note_flip(v, flip, "stopped");
+                        self.restart(v);
+                    }
+                }
+                Scenario::DiskFull => {
+                    self.sleep_ms(2000, 3000).await;
+                    let n = self.rng.random_range(1..=3);
+                    let bytes = self.cluster.fill_disk(n);
+                    self.note("disk-full", format!("node {n}: {bytes} bytes of filler"), 1, false);
+                    let said = poll_until(Duration::from_secs(10), || async {
+                        (self.storage_serving(n).await == Some(false)).then_some(())
+                    })
+                    .await;
+                    if said.is_none() {
+                        self.note(
+                            "storage-unreported",
+                            format!("node {n} kept reporting SERVING on a full disk"),
+                            1,
+                            false,
+                        );
+                    }
+                    self.sleep_ms(3000, 5000).await;
+                    self.cluster.free_disk(n);
+                    self.note("heal", format!("node {n}: disk freed"), 0, false);
+                    let back = poll_until(Duration::from_secs(30), || async {
+                        (self.storage_serving(n).await == Some(true)).then_some(())
+                    })
+                    .await;
+                    if back.is_none() {
+                        self.note(
+                            "storage-unreported",
+                            format!("node {n} did not serve again within 30 s of its disk freed"),
+                            1,
+                            false,
+                        );
+                    }
+                }
+                Scenario::ClockStep => {
+                    self.sleep_ms(2000, 3000).await;
+                    // The node that decides retention (a leader) or any other.
+                    let n = match self.leader().await {
+                        Some(l) if self.rng.random_bool(0.7) => l,
+                        _ => self.rng.random_range(1..=3),
+                    };
+                    self.cluster.step_clock(n, "+8d");
+                    self.note("clock-step", format!("node {n}: +8 days"), 0, false);
+                    self.sleep_ms(4000, 6000).await;
+                    self.cluster.step_clock(n, "+0");
+                    self.note("clock-step", format!("node {n}: back"), 0, false);
+                }
+                Scenario::LostVote => {
+                    self.sleep_ms(2000, 3000).await;
+                    self.wait_caught_up(Duration::from_secs(30)).await;
+                    let l = self.leader().await.unwrap_or(1);
+                    let f = self.other(l);
+                    self.kill(f, false);
+                    let Some(meta) = self.cluster.delete_wal_meta(f, &mut self.rng) else {
+                        self.restart(f);
+                        return;
+                    };
+                    self.note("lost-vote", meta.display().to_string(), 1, false);
+                    self.cluster.restart(f);
+                    let exit = self.cluster.wait_exit(f, Duration::from_secs(30));
+                    let log = std::fs::read_to_string(&self.cluster.nodes[f as usize - 1].log)
+                        .unwrap_or_default();
+                    match exit {
+                        Some(st) if !st.success() && log.contains("forgot its vote") => {
+                            self.note("refused", format!("node {f}: {st}"), 1, false);
+                        }
+                        other => {
+                            self.note(
+                                "lost-vote-accepted",
+                                format!("node {f} ({other:?})"),
+                                1,
+                                false,
+                            );
+                            self.cluster.kill(f);
+                        }
+                    }
+                    self.cluster.restore_wal_meta(&meta);
+                    self.restart(f);
+                }
             }
         }
     }
@@ -515,13 +713,20 @@ async fn list_offset(addr: &str, partition: u32, ts: i64, follower: bool) -> Opt
 /// Runs `cfg` to the end and checks it. Panics only on harness failures (a node that cannot
 /// start, a cluster that never recovers after everything healed).
 pub async fn run(cfg: &RunConfig) -> Outcome {
-    let mut cluster = FaultCluster::start(&cfg.runneld, &cfg.dir, cfg.data_groups, cfg.seed);
+    let mut cluster = FaultCluster::start_with(
+        &cfg.runneld,
+        &cfg.dir,
+        cfg.data_groups,
+        cfg.seed,
+        cfg.scenario.options(),
+    );
     let client = connect(&cluster).await;
+    let spec = TopicSpec {
+        segment_bytes: cfg.scenario.segment_bytes(),
+        ..TopicSpec::partitions(cfg.partitions)
+    };
     poll_until(Duration::from_secs(60), || async {
-        match client
-            .admin()
-            .create_topic(TOPIC, TopicSpec::partitions(cfg.partitions))
-            .await
+        match client.admin().create_topic(TOPIC, spec).await
         {
             Ok(_) => Some(()),
             Err(e) if e.code() == Some(api::ErrorCode::TopicAlreadyExists) => Some(()),
@@ -564,12 +769,35 @@ pub async fn run(cfg: &RunConfig) -> Outcome {
             rng: StdRng::seed_from_u64(cfg.seed),
             down: BTreeSet::new(),
             led: Vec::new(),
+            victim: None,
         };
         nemesis.run(cfg.scenario, until, &mut consumers).await;
     }
 
     // Heal everything, let the workload see a healthy cluster for a moment, then stop it.
     cluster.heal_all();
+    for id in cluster.exited() {
+        rec.with(|h| {
+            h.faults.push(Fault {
+                time: rec.now(),
+                kind: "exited".into(),
+                target: format!("node {id}"),
+                faulty_nodes: 1,
+                leader_kill: false,
+                partitions: Vec::new(),
+            })
+        });
+    }
+    if cfg.scenario.options().fake_clock {
+        for id in 1..=3 {
+            cluster.step_clock(id, "+0");
+        }
+    }
+    if cfg.scenario.options().disk_mib.is_some() {
+        for id in 1..=3 {
+            cluster.free_disk(id);
+        }
+    }
     for id in 1..=3 {
         if cluster.is_paused(id) {
             cluster.resume(id);
@@ -652,10 +880,15 @@ pub async fn run(cfg: &RunConfig) -> Outcome {
             .await;
             let nhw = list_offset(&addr, p, -1, true).await.unwrap_or(-1);
             let nstart = list_offset(&addr, p, -2, true).await.unwrap_or(0);
+            // A replica that finds damage while serving this read repairs itself and then
+            // serves it: keep asking (bounded).
             let records = if caught_up.is_some() {
-                read_replica(&addr, p, nstart, nhw)
-                    .await
-                    .unwrap_or_default()
+                poll_until(Duration::from_secs(60), || {
+                    let addr = addr.clone();
+                    async move { read_replica(&addr, p, nstart, nhw).await }
+                })
+                .await
+                .unwrap_or_default()
             } else {
                 Vec::new()
             };
