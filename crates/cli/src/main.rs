@@ -630,7 +630,7 @@ async fn offsets(c: &Client, cmd: &OffsetsCmd) -> anyhow::Result<()> {
 }
 
 /// `cluster status --json`: `{controller, nodes: [{id, address, peer, up}], views: [{answered_by,
-/// groups: [{group, leader, preferred, term, last_log_index, committed_index, applied_index,
+/// storage: {serving, problems, free_bytes, min_free_bytes, damaged_reads, group_restarts}, groups: [{group, leader, preferred, term, last_log_index, committed_index, applied_index,
 /// voters, partitions, replicas: [{node, matched_index, lag}]}]}]}`; indexes are -1 when unknown.
 async fn status_json(c: &Client) -> anyhow::Result<()> {
     use serde_json::json;
@@ -670,7 +670,17 @@ async fn status_json(c: &Client) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        views.push(json!({"answered_by": st.answered_by, "groups": groups}));
+        let storage = st.storage.as_ref().map(|s| {
+            json!({
+                "serving": s.serving,
+                "problems": s.problems,
+                "free_bytes": s.free_bytes,
+                "min_free_bytes": s.min_free_bytes,
+                "damaged_reads": s.damaged_reads,
+                "group_restarts": s.group_restarts,
+            })
+        });
+        views.push(json!({"answered_by": st.answered_by, "storage": storage, "groups": groups}));
     }
     let doc = json!({"controller": meta.controller_id, "nodes": nodes, "views": views});
     println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -683,8 +693,11 @@ async fn status(c: &Client) -> anyhow::Result<()> {
     println!("nodes:");
     for n in &meta.nodes {
         let reach = match admin.cluster_status_at(&n.address).await {
-            Ok(_) => "up",
-            Err(_) => "unreachable",
+            Ok(s) => match s.storage {
+                Some(st) if !st.serving => format!("up, NOT SERVING: {}", st.problems.join("; ")),
+                _ => "up".to_string(),
+            },
+            Err(_) => "unreachable".to_string(),
         };
         println!(
             "  {}\tclient {}\tpeer {}\t{reach}",

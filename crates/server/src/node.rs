@@ -178,12 +178,15 @@ impl Node {
         }
         {
             let health = health.clone();
+            let watch = storage_health::WatchConfig {
+                groups: (0..=u64::from(cfg.cluster.data_groups)).collect(),
+                data_dir: cfg.data_dir.clone(),
+                min_free_bytes: cfg.storage.min_free_bytes,
+                every: Duration::from_millis(cfg.storage.check_ms),
+            };
             tasks.push(tokio::spawn(storage_health::watch_loop(
                 Arc::clone(&host),
-                (0..=u64::from(cfg.cluster.data_groups)).collect(),
-                cfg.data_dir.clone(),
-                cfg.storage.min_free_bytes,
-                Duration::from_millis(cfg.storage.check_ms),
+                watch,
                 Arc::clone(&storage),
                 move |serving| {
                     let health = health.clone();

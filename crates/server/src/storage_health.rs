@@ -127,18 +127,34 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const HANDOFF_EVERY: Duration = Duration::from_secs(5);
 const HANDOFF_WAIT: Duration = Duration::from_secs(3);
 
+/// What the storage watch looks at, and how often.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// Every group this node hosts (0..=data groups).
+    pub groups: Vec<u64>,
+    /// The data directory (its file system's free space is checked).
+    pub data_dir: std::path::PathBuf,
+    /// `storage.min_free_bytes`.
+    pub min_free_bytes: u64,
+    /// `storage.check_ms`.
+    pub every: Duration,
+}
+
 /// Watches storage until `stop`, updating `health` and calling `on_serving(bool)` when the
 /// node's serving state changes.
 pub async fn watch_loop(
     host: Arc<RaftHost>,
-    groups: Vec<u64>,
-    data_dir: std::path::PathBuf,
-    min_free_bytes: u64,
-    every: Duration,
+    cfg: WatchConfig,
     health: Arc<StorageHealth>,
     on_serving: impl Fn(bool) + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
+    let WatchConfig {
+        groups,
+        data_dir,
+        min_free_bytes,
+        every,
+    } = cfg;
     let me = host.node_id();
     let mut w: HashMap<u64, GroupWatch> = HashMap::new();
     let mut serving = true;

@@ -165,7 +165,9 @@ mod scenarios {
             );
         }
         assert!(r.sends[1] > 0, "no write was acknowledged at all");
-        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("RUNNEL_FAULT_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 

@@ -91,6 +91,15 @@ pub fn parse_stem(name: &str, ext: &str) -> Option<u64> {
     stem.parse().ok()
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `path` (`statvfs`:
+/// available blocks times the fragment size).
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let st = rustix::fs::statvfs(path)
+        .map_err(std::io::Error::from)
+        .ctx("statvfs", path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,13 +128,4 @@ mod tests {
             m.blocks()
         );
     }
-}
-
-/// Bytes an unprivileged writer may still use on the file system holding `path` (`statvfs`:
-/// available blocks times the fragment size).
-pub fn free_bytes(path: &Path) -> Result<u64> {
-    let st = rustix::fs::statvfs(path)
-        .map_err(std::io::Error::from)
-        .ctx("statvfs", path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

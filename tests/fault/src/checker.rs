@@ -67,7 +67,10 @@ pub const KINDS: [&str; 17] = [
 const MISBEHAVIOUR: [(&str, &str); 3] = [
     ("exited", "nodes that exited on their own"),
     ("lost-vote-accepted", "lost votes accepted"),
-    ("storage-unreported", "storage failures not reported or not healed"),
+    (
+        "storage-unreported",
+        "storage failures not reported or not healed",
+    ),
 ];
 
 /// Time allowed between a heal (or restart) and the next acknowledged write.

@@ -202,7 +202,10 @@ impl FaultCluster {
     /// `-1h`, `+0`); monotonic time is untouched, as with an NTP step. Needs
     /// [`Options::fake_clock`].
     pub fn step_clock(&self, id: u64, offset: &str) {
-        assert!(self.opts.fake_clock, "the cluster runs without a fake clock");
+        assert!(
+            self.opts.fake_clock,
+            "the cluster runs without a fake clock"
+        );
         fsutil_write_atomic(&self.clock_file(id), format!("{offset}\n").as_bytes());
     }
 
@@ -210,7 +213,10 @@ impl FaultCluster {
     /// file system refuses more; returns the bytes written.
     pub fn fill_disk(&self, id: u64) -> u64 {
         use std::io::Write;
-        assert!(self.opts.disk_mib.is_some(), "the cluster has no small disks");
+        assert!(
+            self.opts.disk_mib.is_some(),
+            "the cluster has no small disks"
+        );
         let path = self.nodes[id as usize - 1].data.join("filler");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -657,7 +663,10 @@ fn field_name(at: u64) -> &'static str {
 
 fn flip(file: &Path, at: u64, mask: u8) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)?;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at)?;
     f.write_all_at(&[b[0] ^ mask], at)

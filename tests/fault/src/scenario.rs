@@ -46,9 +46,7 @@ pub enum Scenario {
     Surgery,
     /// 13. SIGKILL consumers between fetching and committing.
     KillConsumers,
-    /// 14. Flip bits in one node's data while it runs: any field of any committed batch, in
-    /// sealed, checkpointed or active segments; or, while it is stopped, in a checkpoint
-    /// manifest.
+    /// 14. Flip bits in one node's committed batches (any field) or, stopped, its manifests.
     BitFlip,
     /// 15. Fill one node's (small, tmpfs) disk, then free it.
     DiskFull,
@@ -110,6 +108,11 @@ impl Scenario {
             Scenario::BitFlip | Scenario::DiskFull | Scenario::ClockStep => 1 << 20,
             _ => 0,
         }
+    }
+
+    /// Bytes of padding per record: volume enough to roll 1 MiB segments within a run.
+    pub fn record_padding(self) -> usize {
+        if self.segment_bytes() > 0 { 2048 } else { 0 }
     }
 
     /// Whether the rotating soak may pick it: scenarios needing special cluster options run
@@ -505,7 +508,12 @@ impl Nemesis<'_> {
                     self.sleep_ms(2000, 3000).await;
                     let n = self.rng.random_range(1..=3);
                     let bytes = self.cluster.fill_disk(n);
-                    self.note("disk-full", format!("node {n}: {bytes} bytes of filler"), 1, false);
+                    self.note(
+                        "disk-full",
+                        format!("node {n}: {bytes} bytes of filler"),
+                        1,
+                        false,
+                    );
                     let said = poll_until(Duration::from_secs(10), || async {
                         (self.storage_serving(n).await == Some(false)).then_some(())
                     })
@@ -726,8 +734,7 @@ pub async fn run(cfg: &RunConfig) -> Outcome {
         ..TopicSpec::partitions(cfg.partitions)
     };
     poll_until(Duration::from_secs(60), || async {
-        match client.admin().create_topic(TOPIC, spec).await
-        {
+        match client.admin().create_topic(TOPIC, spec).await {
             Ok(_) => Some(()),
             Err(e) if e.code() == Some(api::ErrorCode::TopicAlreadyExists) => Some(()),
             Err(_) => None,
@@ -743,6 +750,7 @@ pub async fn run(cfg: &RunConfig) -> Outcome {
             tokio::spawn(workload::produce(
                 client.clone(),
                 i,
+                cfg.scenario.record_padding(),
                 rec.clone(),
                 stop.clone(),
             ))

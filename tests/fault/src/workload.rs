@@ -31,8 +31,16 @@ fn classify(e: &Error) -> Outcome {
     }
 }
 
-/// Producer `index`: sends `p<index>-<seq>` (also the key) one at a time until `stop`.
-pub async fn produce(client: Client, index: u32, rec: Recorder, mut stop: watch::Receiver<bool>) {
+/// Producer `index`: sends `p<index>-<seq>` (also the key) one at a time until `stop`; each
+/// record carries `pad` bytes in a header (volume for segment rolls, not recorded).
+pub async fn produce(
+    client: Client,
+    index: u32,
+    pad: usize,
+    rec: Recorder,
+    mut stop: watch::Receiver<bool>,
+) {
+    let padding = bytes::Bytes::from(vec![b'.'; pad]);
     let producer = client.producer(ProducerConfig {
         linger: Duration::ZERO,
         request_timeout: Duration::from_secs(2),
@@ -58,7 +66,14 @@ pub async fn produce(client: Client, index: u32, rec: Recorder, mut stop: watch:
             h.sends.len() - 1
         });
         let r = match producer
-            .send(TOPIC, ProducerRecord::new(value.clone()).key(value.clone()))
+            .send(TOPIC, {
+                let r = ProducerRecord::new(value.clone()).key(value.clone());
+                if pad > 0 {
+                    r.header("pad", padding.clone())
+                } else {
+                    r
+                }
+            })
             .await
         {
             Ok(fut) => tokio::select! {
