@@ -50,6 +50,9 @@ pub(crate) fn accept_nodelay(
     )
 }
 
+/// Longest the peer transport waits, at shutdown, for calls still in flight.
+pub const TRANSPORT_STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Longest a group may take at open to re-apply its committed log before serving.
 pub const RECOVERY_WAIT: Duration = Duration::from_secs(300);
 
@@ -764,9 +767,18 @@ impl RaftHost {
             self.registry.remove(id);
         }
         let server = self.server.lock().expect("server lock").take();
-        if let Some((tx, task)) = server {
+        if let Some((tx, mut task)) = server {
             let _ = tx.send(());
-            let _ = task.await;
+            // A peer may hold a call open (a snapshot stream whose sender stalled): the groups
+            // are down already, so waiting longer than the grace for it only hangs the stop.
+            if tokio::time::timeout(TRANSPORT_STOP_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(node = self.cfg.node_id, grace = ?TRANSPORT_STOP_GRACE,
+                    "peer calls still open at shutdown: dropping them");
+                task.abort();
+            }
         }
     }
 }

@@ -277,7 +277,7 @@ async fn finish(manifest: &Manifest, cur: Receiving, done: &mut [bool]) -> Resul
 async fn receive_files(
     dir: &std::path::Path,
     manifest: &Manifest,
-    stream: &mut Streaming<pb::SnapshotChunk>,
+    stream: &mut (impl tokio_stream::Stream<Item = Result<pb::SnapshotChunk, Status>> + Unpin),
 ) -> Result<(), Status> {
     let mut current: Receiving = None;
     let mut done = vec![false; manifest.files.len()];
@@ -336,4 +336,66 @@ async fn receive_files(
     }
     manifest.write(&dir.join("MANIFEST")).map_err(fatal)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use runnel_storage::manifest::ManifestFile;
+
+    use super::*;
+
+    fn chunk(file_index: u32, offset: u64, data: &[u8]) -> Result<pb::SnapshotChunk, Status> {
+        Ok(pb::SnapshotChunk {
+            kind: Some(pb::snapshot_chunk::Kind::Data(pb::SnapshotData {
+                file_index,
+                offset,
+                data: data.to_vec().into(),
+            })),
+        })
+    }
+
+    /// A snapshot file damaged on its way (one bit of one chunk) is refused, whichever chunk
+    /// it hit; the intact stream is accepted.
+    #[tokio::test]
+    async fn a_snapshot_file_damaged_on_its_way_is_refused() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let manifest = Manifest {
+            id: "t".into(),
+            files: vec![ManifestFile {
+                path: "p1/00000000000000000000.log".into(),
+                len: data.len() as u64,
+                crc32c: crc32c::crc32c(&data),
+            }],
+            state: Default::default(),
+        };
+        let chunks: Vec<&[u8]> = data.chunks(4096).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let good: Vec<_> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| chunk(0, (i * 4096) as u64, c))
+            .collect();
+        let mut s = tokio_stream::iter(good);
+        receive_files(dir.path(), &manifest, &mut s).await.unwrap();
+        for hit in 0..chunks.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let bad: Vec<_> = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut c = c.to_vec();
+                    if i == hit {
+                        let mid = c.len() / 2;
+                        c[mid] ^= 0x10;
+                    }
+                    chunk(0, (i * 4096) as u64, &c)
+                })
+                .collect();
+            let mut s = tokio_stream::iter(bad);
+            let e = receive_files(dir.path(), &manifest, &mut s)
+                .await
+                .expect_err("a damaged file must be refused");
+            assert!(e.message().contains("CRC"), "{e}");
+        }
+    }
 }

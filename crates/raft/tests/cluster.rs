@@ -1130,13 +1130,17 @@ async fn a_snapshot_sender_never_ships_a_file_that_no_longer_matches_its_crc() {
         "a damaged snapshot was installed"
     );
     // Reopened, the damaged leader gives way; a healthy replica serves everyone.
-    lh.restart_group(1, true, "test: damage found")
+    tokio::time::timeout(WAIT, lh.restart_group(1, true, "test: damage found"))
         .await
+        .expect("the group reopens")
         .unwrap();
     adding.abort();
     let new_leader = ready_leader(&c.live, 1).await;
     assert_ne!(new_leader.node_id(), leader);
-    new_leader.add_learner(1, 4, &addr4).await.unwrap();
+    tokio::time::timeout(WAIT, new_leader.add_learner(1, 4, &addr4))
+        .await
+        .unwrap_or_else(|_| panic!("learner never caught up: {:?}", h4.metrics(1)))
+        .unwrap();
     c.write(1, plain(6, "after", 100)).await;
     c.converge(1).await;
     c.wait_caught_up(leader, 1).await;

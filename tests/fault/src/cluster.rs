@@ -237,6 +237,25 @@ impl FaultCluster {
         written
     }
 
+    /// Makes node `id`'s WAL files immutable (`chattr +i`: every write fails with `EPERM`, even
+    /// for root), or writable again: a disk that fails writes for a reason that does not heal.
+    /// Returns whether `chattr` did it (it needs a file system with the attribute, as ext4).
+    pub fn set_wal_immutable(&self, id: u64, on: bool) -> bool {
+        let mut files = Vec::new();
+        collect(&self.nodes[id as usize - 1].data, &mut files);
+        let wals: Vec<PathBuf> = files
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "wal"))
+            .collect();
+        !wals.is_empty()
+            && Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .args(&wals)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    }
+
     /// Removes the filler [`FaultCluster::fill_disk`] wrote on node `id`.
     pub fn free_disk(&self, id: u64) {
         let _ = std::fs::remove_file(self.nodes[id as usize - 1].data.join("filler"));
