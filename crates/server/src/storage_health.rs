@@ -177,6 +177,8 @@ pub async fn watch_loop(
             ));
         }
         let mut fatal = None;
+        // Set when the failure may hit every group here (a full disk, a stopped group).
+        let mut give_up = low;
         let mut damaged = health.damaged_before.load(Ordering::Relaxed);
         for &g in &groups {
             let gw = w.entry(g).or_default();
@@ -202,11 +204,13 @@ pub async fn watch_loop(
             };
             match cause {
                 Some(StopCause::Fatal) => {
+                    give_up = true;
                     fatal = Some(why.clone());
                     problems.push(why);
                     continue;
                 }
                 Some(c) => {
+                    give_up |= c != StopCause::Damaged;
                     problems.push(why.clone());
                     let space_back = c != StopCause::NoSpace || !low;
                     let due = gw.next_try.is_none_or(|(t, _)| Instant::now() >= t);
@@ -269,12 +273,19 @@ pub async fn watch_loop(
                 }
                 continue;
             }
-            if low
-                && m.leader == Some(me)
-                && gw.last_handoff.is_none_or(|t| t.elapsed() >= HANDOFF_EVERY)
-            {
-                gw.last_handoff = Some(Instant::now());
-                hand_off(&host, g, Duration::ZERO).await;
+        }
+        // A node whose storage cannot serve leads nothing: hand every group it still leads to
+        // another replica (a full disk, or a group stopped on a failure that may hit the others).
+        if give_up {
+            for &g in &groups {
+                let gw = w.entry(g).or_default();
+                let leads = host
+                    .metrics(g)
+                    .is_some_and(|m| m.leader == Some(me) && m.stopped.is_none());
+                if leads && gw.last_handoff.is_none_or(|t| t.elapsed() >= HANDOFF_EVERY) {
+                    gw.last_handoff = Some(Instant::now());
+                    hand_off(&host, g, Duration::ZERO).await;
+                }
             }
         }
         let status = Status {
