@@ -170,7 +170,7 @@ impl Node {
         }
         if cfg.background.retention_check_ms > 0 {
             tasks.push(tokio::spawn(retention_loop(
-                Arc::clone(&host),
+                Arc::clone(&shared),
                 Duration::from_millis(cfg.background.retention_check_ms),
                 Duration::from_millis(cfg.background.retention_clock_jump_ms),
                 stop_rx.clone(),
@@ -540,17 +540,49 @@ impl RetentionClock {
     }
 }
 
+/// The time a quorum of clocks agrees has at least passed: the lower median of this node's
+/// (guarded) clock and the peers' that answered, and never later than this node's own; `None`
+/// when fewer than a majority of the `cluster` nodes answered. One clock stepped forward, even
+/// one that was wrong when its node started, cannot make data look old.
+pub fn quorum_clock(own: i64, peers: &[i64], cluster: usize) -> Option<i64> {
+    let mut all: Vec<i64> = std::iter::once(own).chain(peers.iter().copied()).collect();
+    if all.len() < cluster / 2 + 1 {
+        return None;
+    }
+    all.sort_unstable();
+    Some(all[(all.len() - 1) / 2].min(own))
+}
+
 /// On each group this node leads and can serve: asks each partition's log what retention is
-/// due and proposes it (`TrimLog`), so every replica deletes the same records.
+/// due and proposes it (`TrimLog`), so every replica deletes the same records. Age is judged
+/// by [`quorum_clock`]; without a quorum of clocks only size-based retention runs.
 async fn retention_loop(
-    host: Arc<RaftHost>,
+    shared: Arc<Shared>,
     every: Duration,
     jump_max: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let host = Arc::clone(&shared.host);
     let mut clock = RetentionClock::new(jump_max);
     while tick(every, &mut stop).await {
-        let now = clock.judge(now_ms(), Instant::now());
+        let own = clock.judge(now_ms(), Instant::now());
+        let leads = host
+            .groups()
+            .into_iter()
+            .any(|g| host.metrics(g).is_some_and(|m| m.ready));
+        if !leads {
+            continue;
+        }
+        let peers = shared.peer_clocks(Duration::from_secs(2)).await;
+        let cluster = shared.cfg.cluster.nodes.len().max(peers.len() + 1);
+        let now = quorum_clock(own, &peers, cluster).unwrap_or_else(|| {
+            tracing::warn!(
+                answered = peers.len(),
+                cluster,
+                "no quorum of clocks: time-based retention waits, size-based retention runs"
+            );
+            i64::MIN // nothing is old against the beginning of time
+        });
         for g in host.groups() {
             if !host.metrics(g).is_some_and(|m| m.ready) {
                 continue;
@@ -617,6 +649,23 @@ mod tests {
         assert!(s.observe(1, 2, true, at(18), every));
         s.forget(1);
         assert!(!s.observe(1, 2, true, at(19), every));
+    }
+
+    #[test]
+    fn one_clock_ahead_cannot_age_data_and_no_quorum_means_no_time() {
+        const DAY: i64 = 24 * 3600 * 1000;
+        let t = 1_700_000_000_000;
+        // This node 8 days ahead (even from its start): the peers win.
+        assert_eq!(quorum_clock(t + 8 * DAY, &[t, t + 5], 3), Some(t + 5));
+        assert_eq!(quorum_clock(t + 8 * DAY, &[t], 3), Some(t), "one peer down");
+        // A peer ahead: never later than our own clock.
+        assert_eq!(quorum_clock(t, &[t + 8 * DAY, t + 1], 3), Some(t));
+        // Behind only delays.
+        assert_eq!(quorum_clock(t, &[t - DAY, t - DAY], 3), Some(t - DAY));
+        // No majority of clocks: no time-based judgement.
+        assert_eq!(quorum_clock(t, &[], 3), None);
+        assert_eq!(quorum_clock(t, &[t], 5), None);
+        assert_eq!(quorum_clock(t, &[], 1), Some(t));
     }
 
     #[test]

@@ -560,6 +560,30 @@ impl Shared {
         Ok(c)
     }
 
+    /// The wall clocks of the other nodes that answer within `wait` (each asked over its peer
+    /// listener, in parallel), for judging time against a quorum rather than one clock.
+    pub async fn peer_clocks(&self, wait: Duration) -> Vec<i64> {
+        let me = self.node_id();
+        let asks = self
+            .nodes()
+            .into_iter()
+            .filter(|n| n.node_id != me && !n.peer_address.is_empty())
+            .filter_map(|n| self.channel(&n.peer_address).ok())
+            .map(|ch| async move {
+                let mut a = api::admin_client::AdminClient::new(ch);
+                let call = a.cluster_status(mark_forwarded(api::ClusterStatusRequest {}));
+                match tokio::time::timeout(wait, call).await {
+                    Ok(Ok(r)) => Some(r.into_inner().wall_clock_ms),
+                    _ => None,
+                }
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Where to send a call that must run on `group`'s leader: `None` when that is this node,
     /// else a channel to the leader (an error if it is unknown or the call was forwarded once).
     fn forward_target(
@@ -1686,6 +1710,7 @@ impl api::admin_server::Admin for Api {
             nodes: s.nodes(),
             groups,
             answered_by: s.node_id(),
+            wall_clock_ms: now_ms(),
             storage: Some(api::StorageStatus {
                 serving: st.problems.is_empty(),
                 problems: st.problems,

@@ -367,6 +367,11 @@ impl FaultCluster {
         out
     }
 
+    /// Number of data groups (groups 1..=this; group 0 holds metadata).
+    pub fn data_groups(&self) -> u32 {
+        self.data_groups
+    }
+
     /// The client addresses (the client proxies) of every node.
     pub fn bootstrap(&self) -> Vec<String> {
         self.client_links

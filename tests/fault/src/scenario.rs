@@ -181,6 +181,8 @@ struct Nemesis<'a> {
     led: Vec<u32>,
     /// The one node whose data the bit-flip scenario damages (one faulty replica at a time).
     victim: Option<u64>,
+    /// Cycles of the clock-step scenario so far (every other one restarts the stepped node).
+    cycles: u32,
 }
 
 impl Nemesis<'_> {
@@ -551,6 +553,24 @@ impl Nemesis<'_> {
                     };
                     self.cluster.step_clock(n, "+8d");
                     self.note("clock-step", format!("node {n}: +8 days"), 0, false);
+                    self.cycles += 1;
+                    if self.cycles % 2 == 1 {
+                        // Restarted under the wrong clock, the node takes it as its baseline
+                        // (its own step guard sees nothing): only the other clocks stop it.
+                        // Make it lead every group while retention runs.
+                        self.kill(n, false);
+                        self.restart(n);
+                        poll_until(Duration::from_secs(20), || async {
+                            (self.storage_serving(n).await == Some(true)).then_some(())
+                        })
+                        .await;
+                        for g in 0..=u64::from(self.cluster.data_groups()) {
+                            let admin = self.client.admin();
+                            let moved = admin.transfer_leader(g, n);
+                            let _ = tokio::time::timeout(Duration::from_secs(5), moved).await;
+                        }
+                        self.note("transfer", format!("every group to node {n}"), 0, false);
+                    }
                     self.sleep_ms(4000, 6000).await;
                     self.cluster.step_clock(n, "+0");
                     self.note("clock-step", format!("node {n}: back"), 0, false);
@@ -778,6 +798,7 @@ pub async fn run(cfg: &RunConfig) -> Outcome {
             down: BTreeSet::new(),
             led: Vec::new(),
             victim: None,
+            cycles: 0,
         };
         nemesis.run(cfg.scenario, until, &mut consumers).await;
     }
