@@ -567,8 +567,10 @@ impl Shared {
         let asks = self
             .nodes()
             .into_iter()
-            .filter(|n| n.node_id != me && !n.peer_address.is_empty())
-            .filter_map(|n| self.channel(&n.peer_address).ok())
+            .filter(|n| n.node_id != me)
+            .map(|n| self.peer_addr(META_GROUP, n.node_id))
+            .filter(|a| !a.is_empty())
+            .filter_map(|a| self.channel(&a).ok())
             .map(|ch| async move {
                 let mut a = api::admin_client::AdminClient::new(ch);
                 let call = a.cluster_status(mark_forwarded(api::ClusterStatusRequest {}));
