@@ -45,6 +45,21 @@ pub(crate) struct TopicInfo {
     pub leaders: Vec<Option<Leader>>,
 }
 
+/// What the cache keeps of a topic's metadata.
+fn info_of(t: &api::TopicMetadata) -> TopicInfo {
+    let leaders = t
+        .partitions
+        .iter()
+        .map(|p| {
+            (p.leader_id != 0 && !p.leader_address.is_empty()).then(|| Leader {
+                node_id: p.leader_id,
+                address: p.leader_address.clone(),
+            })
+        })
+        .collect();
+    TopicInfo { leaders }
+}
+
 pub(crate) struct Inner {
     pub cfg: ClientConfig,
     bootstrap: Vec<String>,
@@ -177,17 +192,7 @@ impl Client {
                 topics.remove(&t.name);
                 continue;
             }
-            let leaders = t
-                .partitions
-                .iter()
-                .map(|p| {
-                    (p.leader_id != 0 && !p.leader_address.is_empty()).then(|| Leader {
-                        node_id: p.leader_id,
-                        address: p.leader_address.clone(),
-                    })
-                })
-                .collect();
-            topics.insert(t.name.clone(), TopicInfo { leaders });
+            topics.insert(t.name.clone(), info_of(t));
         }
     }
 
@@ -202,14 +207,9 @@ impl Client {
         }
         let r = self.metadata(&[topic.to_string()]).await?;
         match r.topics.iter().find(|t| t.name == topic) {
-            Some(t) if t.error.is_none() => Ok(self
-                .inner
-                .topics
-                .lock()
-                .expect("topics")
-                .get(topic)
-                .cloned()
-                .unwrap_or(TopicInfo { leaders: vec![] })),
+            // From the answer itself: the cache may have been invalidated meanwhile (a
+            // concurrent NOT_LEADER), which must not read as "no partitions".
+            Some(t) if t.error.is_none() => Ok(info_of(t)),
             Some(t) => Err(Error::from_api(t.error.as_ref().expect("error"))),
             None => Err(Error::Server {
                 code: ErrorCode::UnknownTopicOrPartition,
