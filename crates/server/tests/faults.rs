@@ -22,6 +22,45 @@ async fn produce(client: &Client, topic: &str, values: impl Iterator<Item = Stri
     producer.close().await;
 }
 
+/// A client of `cluster`, once a node answers (bounded).
+async fn connect(cluster: &FaultCluster) -> Client {
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect_with(cluster.bootstrap(), cfg.clone()).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no node answered: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The first `n` records (offset, value) of partition 0 of `topic`, read from the start
+/// (bounded).
+async fn read_from_start(client: &Client, topic: &str, n: usize) -> Vec<(i64, String)> {
+    let mut c = client.consumer(Default::default());
+    c.assign(topic, Some(vec![0]), StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < n {
+        for r in c.poll().await.unwrap() {
+            got.push((
+                r.offset,
+                String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+            ));
+        }
+        assert!(Instant::now() < deadline, "read stalled at {}", got.len());
+    }
+    got
+}
+
 /// Scenario 8 in miniature: the leader is cut off from its peers while clients still reach
 /// it. The other two elect a leader and take writes; after the heal every acknowledged record
 /// is there exactly once, in order.
@@ -34,20 +73,7 @@ async fn a_leader_cut_off_from_its_peers_is_replaced_and_nothing_is_lost() {
         1,
         7,
     );
-    let cfg = ClientConfig {
-        request_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match Client::connect_with(cluster.bootstrap(), cfg.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no node answered: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let client = connect(&cluster).await;
     client
         .admin()
         .create_topic("cut", TopicSpec::partitions(1))
@@ -63,21 +89,7 @@ async fn a_leader_cut_off_from_its_peers_is_replaced_and_nothing_is_lost() {
     cluster.heal_all();
     produce(&client, "cut", (0..100).map(|i| format!("after-{i:03}"))).await;
 
-    let mut c = client.consumer(Default::default());
-    c.assign("cut", Some(vec![0]), StartFrom::Earliest)
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < 300 {
-        for r in c.poll().await.unwrap() {
-            got.push((
-                r.offset,
-                String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
-            ));
-        }
-        assert!(Instant::now() < deadline, "read stalled at {}", got.len());
-    }
+    let got = read_from_start(&client, "cut", 300).await;
     let offsets: Vec<i64> = got.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (0..300).collect::<Vec<_>>(), "gaps or duplicates");
     let values: Vec<&str> = got.iter().map(|(_, v)| v.as_str()).collect();
@@ -298,20 +310,7 @@ async fn a_node_whose_writes_fail_for_good_exits_for_its_supervisor() {
         1,
         11,
     );
-    let cfg = ClientConfig {
-        request_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match Client::connect_with(cluster.bootstrap(), cfg.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no node answered: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let client = connect(&cluster).await;
     client
         .admin()
         .create_topic("eperm", TopicSpec::partitions(1))
@@ -334,18 +333,11 @@ async fn a_node_whose_writes_fail_for_good_exits_for_its_supervisor() {
     assert!(log.contains("storage failure: stopping the node"), "{log}");
     cluster.restart(victim);
     produce(&client, "eperm", (0..50).map(|i| format!("c-{i:03}"))).await;
-    let mut c = client.consumer(Default::default());
-    c.assign("eperm", Some(vec![0]), StartFrom::Earliest)
+    let got: Vec<String> = read_from_start(&client, "eperm", 200)
         .await
-        .unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < 200 {
-        for r in c.poll().await.unwrap() {
-            got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
-        }
-        assert!(Instant::now() < deadline, "read stalled at {}", got.len());
-    }
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     let want: Vec<String> = [("a", 50), ("b", 100), ("c", 50)]
         .iter()
         .flat_map(|(p, n)| (0..*n).map(move |i| format!("{p}-{i:03}")))
