@@ -37,6 +37,8 @@ pub fn node_config(a: &LocalArgs, id: u64) -> Config {
     let mut c = Config {
         node_id: id,
         data_dir: a.dir.join(format!("node-{id}")),
+        // The three nodes share this process's open-files limit.
+        nodes_in_process: 3,
         ..Config::default()
     };
     c.listen.client = format!("127.0.0.1:{}", port(id, 0));

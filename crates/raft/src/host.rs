@@ -29,27 +29,6 @@ use crate::state_machine::{GroupStore, StateMachine};
 use crate::transport::{GroupEntry, Registry, TransportService};
 use crate::types::{ApplyResult, Cmd, NodeAddr};
 
-/// Accepted connections with `TCP_NODELAY` set.
-///
-/// tonic's builder options do not reach connections we accept ourselves, and without
-/// `TCP_NODELAY` Nagle's algorithm and delayed ACKs stall small replies by ~40 ms (measured:
-/// commit p50 44.8 ms → 5.5 ms; see docs/BENCHMARKS.md).
-pub(crate) fn accept_nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |s| {
-            if let Ok(s) = &s
-                && let Err(e) = s.set_nodelay(true)
-            {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-            s
-        },
-    )
-}
-
 /// Longest the peer transport waits, at shutdown, for calls still in flight.
 pub const TRANSPORT_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -86,6 +65,8 @@ pub struct HostConfig {
     /// checkpoint, recreating it empty. A node that forgot its vote may vote twice in one term,
     /// so this is refused unless the operator says so. Default false.
     pub accept_lost_vote: bool,
+    /// Limits of the peer listener (connections, handshake and idle timeouts, streams).
+    pub listen: crate::listener::ListenLimits,
 }
 
 impl HostConfig {
@@ -103,6 +84,12 @@ impl HostConfig {
             wal: WalConfig::default(),
             repair_from_replicas: true,
             accept_lost_vote: false,
+            listen: crate::listener::ListenLimits {
+                max_connections: 1024,
+                // A snapshot install is one call: it must fit.
+                request_timeout: Duration::from_millis(600_000 + 60_000),
+                ..Default::default()
+            },
         }
     }
 
@@ -286,6 +273,7 @@ pub struct RaftHost {
     router: Router,
     addr: std::net::SocketAddr,
     server: std::sync::Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    listen_stats: Arc<crate::listener::ListenStats>,
 }
 
 impl std::fmt::Debug for RaftHost {
@@ -320,10 +308,13 @@ impl RaftHost {
         .max_decoding_message_size(RPC_BYTES_MAX)
         .max_encoding_message_size(RPC_BYTES_MAX);
         let (tx, rx) = oneshot::channel::<()>();
-        let incoming = accept_nodelay(listener);
+        let listen_stats = Arc::new(crate::listener::ListenStats::default());
+        let incoming =
+            crate::listener::incoming(listener, &cfg.listen, "peer", Arc::clone(&listen_stats));
+        let builder = cfg.listen.server().layer(crate::listener::TrackCalls);
         let server = tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
+            let mut builder = builder;
+            let r = builder
                 .add_routes(extra.add_service(svc))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
@@ -341,12 +332,18 @@ impl RaftHost {
             router: Router::default(),
             addr,
             server: std::sync::Mutex::new(Some((tx, server))),
+            listen_stats,
         })
     }
 
     /// Where the transport listens.
     pub fn local_addr(&self) -> std::net::SocketAddr {
         self.addr
+    }
+
+    /// Counters of the peer listener (open, refused, timed-out connections).
+    pub fn peer_listener_stats(&self) -> &crate::listener::ListenStats {
+        &self.listen_stats
     }
 
     /// This node's id.
@@ -789,26 +786,5 @@ impl Drop for RaftHost {
             let _ = tx.send(());
             task.abort();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let mut incoming = Box::pin(accept_nodelay(l));
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = tokio_stream::StreamExt::next(&mut incoming)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            accepted.nodelay().unwrap(),
-            "replies would wait for delayed ACKs"
-        );
     }
 }

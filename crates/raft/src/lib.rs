@@ -7,6 +7,7 @@
 
 mod codec;
 pub mod host;
+pub mod listener;
 pub mod log_store;
 pub mod network;
 mod repair;

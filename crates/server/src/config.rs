@@ -28,12 +28,18 @@ pub struct Config {
     pub topic_defaults: TopicDefaults,
     /// Limits on what a request may ask for.
     pub limits: Limits,
+    /// Limits on connections and streams, per listener.
+    pub connections: Connections,
     /// Background schedulers.
     pub background: Background,
     /// The data directory's disk: free-space floor and failure handling.
     pub storage: Storage,
     /// Logging.
     pub log: LogSettings,
+    /// How many nodes run in this process (`runnel local` runs three): they share its
+    /// descriptor limit. Not a file setting.
+    #[serde(skip)]
+    pub nodes_in_process: u32,
 }
 
 /// Bind addresses.
@@ -144,6 +150,69 @@ pub struct Limits {
     pub subscribe_buffer: usize,
 }
 
+/// Limits on connections and HTTP/2 streams (both listeners; see docs/CONFIG.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Connections {
+    /// Client connections open at once; more are closed as soon as they are accepted.
+    pub max_client: usize,
+    /// Peer connections (other nodes, forwarded calls) open at once.
+    pub max_peer: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    pub handshake_timeout_ms: u64,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 ping interval on a silent connection.
+    pub keepalive_interval_ms: u64,
+    /// Time a ping has to be answered before the connection is dropped.
+    pub keepalive_timeout_ms: u64,
+    /// Calls (HTTP/2 streams) open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Longest a client call may take to produce its response (a Subscribe stream then goes on).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            max_client: 4096,
+            max_peer: 1024,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 600_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 20_000,
+            max_streams_per_connection: 1024,
+            request_timeout_ms: 120_000,
+        }
+    }
+}
+
+impl Connections {
+    /// The client listener's limits.
+    pub fn client_limits(&self) -> runnel_raft::listener::ListenLimits {
+        self.limits(self.max_client, self.request_timeout_ms)
+    }
+
+    /// The peer listener's limits; a call may take as long as a snapshot install.
+    pub fn peer_limits(&self, install_snapshot_timeout_ms: u64) -> runnel_raft::listener::ListenLimits {
+        let request = self.request_timeout_ms.max(install_snapshot_timeout_ms + 60_000);
+        self.limits(self.max_peer, request)
+    }
+
+    fn limits(&self, max: usize, request_ms: u64) -> runnel_raft::listener::ListenLimits {
+        use std::time::Duration;
+        runnel_raft::listener::ListenLimits {
+            max_connections: max,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
+            max_concurrent_streams: self.max_streams_per_connection,
+            request_timeout: Duration::from_millis(request_ms),
+        }
+    }
+}
+
 /// Background schedulers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -193,9 +262,11 @@ impl Default for Config {
             raft: RaftSettings::default(),
             topic_defaults: TopicDefaults::default(),
             limits: Limits::default(),
+            connections: Connections::default(),
             background: Background::default(),
             storage: Storage::default(),
             log: LogSettings::default(),
+            nodes_in_process: 1,
         }
     }
 }
@@ -469,6 +540,28 @@ impl Config {
             if v == 0 {
                 p.push(format!("{name} must be > 0"));
             }
+        }
+        let c = &self.connections;
+        for (name, v) in [
+            ("connections.max_client", c.max_client as u64),
+            ("connections.max_peer", c.max_peer as u64),
+            ("connections.handshake_timeout_ms", c.handshake_timeout_ms),
+            ("connections.idle_timeout_ms", c.idle_timeout_ms),
+            ("connections.keepalive_interval_ms", c.keepalive_interval_ms),
+            ("connections.keepalive_timeout_ms", c.keepalive_timeout_ms),
+            ("connections.max_streams_per_connection", c.max_streams_per_connection as u64),
+            ("connections.request_timeout_ms", c.request_timeout_ms),
+        ] {
+            if v == 0 {
+                p.push(format!("{name} must be > 0"));
+            }
+        }
+        let longest_call = l.max_wait_ms.max(l.produce_timeout_ms);
+        if c.request_timeout_ms <= longest_call {
+            p.push(format!(
+                "connections.request_timeout_ms ({}) must exceed the longest fetch wait and produce timeout ({longest_call})",
+                c.request_timeout_ms
+            ));
         }
         if l.max_partitions_per_topic == 0 {
             p.push("limits.max_partitions_per_topic must be > 0".into());

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod config;
+pub mod fdlimit;
 mod late;
 pub mod metadata;
 pub mod node;

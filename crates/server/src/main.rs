@@ -168,6 +168,8 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.check {
         print!("{}", toml::to_string(&cfg)?);
+        let fds = runnel_server::fdlimit::prepare(&cfg);
+        println!("\n# {}", fds.describe());
         return Ok(());
     }
     init_logs(&cfg);

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::fdlimit;
 use crate::config::Config;
 use crate::late::Late;
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
@@ -87,8 +88,23 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError>
 impl Node {
     /// Validates `cfg`, binds both listeners, opens (or bootstraps) every group and starts
     /// serving.
-    pub async fn start(cfg: Config) -> Result<Node, StartError> {
+    pub async fn start(mut cfg: Config) -> Result<Node, StartError> {
         cfg.validate().map_err(StartError::Config)?;
+        let fds = fdlimit::prepare(&cfg);
+        tracing::info!(node = cfg.node_id, "{}", fds.describe());
+        if fds.client_connections < cfg.connections.max_client
+            || fds.peer_connections < cfg.connections.max_peer
+        {
+            tracing::warn!(
+                configured_client = cfg.connections.max_client,
+                configured_peer = cfg.connections.max_peer,
+                client = fds.client_connections,
+                peer = fds.peer_connections,
+                "too few open files for the configured connection limits: lowered (raise `ulimit -n`)"
+            );
+            cfg.connections.max_client = fds.client_connections;
+            cfg.connections.max_peer = fds.peer_connections;
+        }
         let client_l = bind("listen.client", &cfg.listen.client).await?;
         let peer_l = bind("listen.peer", &cfg.listen.peer).await?;
         let client_addr = client_l.local_addr()?;
@@ -102,6 +118,9 @@ impl Node {
         hcfg.log_entries_kept = cfg.raft.log_entries_kept;
         hcfg.repair_from_replicas = cfg.raft.repair_from_replicas;
         hcfg.accept_lost_vote = cfg.raft.unsafe_accept_lost_vote;
+        hcfg.listen = cfg
+            .connections
+            .peer_limits(hcfg.install_snapshot_timeout_ms);
         hcfg.partition_defaults = LogConfig {
             segment_bytes: cfg.topic_defaults.segment_bytes,
             ..LogConfig::default()
@@ -146,7 +165,16 @@ impl Node {
             meta_rx,
             stop_rx.clone(),
             Arc::clone(&storage),
+            fds,
         ));
+        let hosted = shared.hosted_partitions();
+        if hosted > fds.partitions {
+            tracing::error!(
+                hosted,
+                budget = fds.partitions,
+                "this node hosts more partitions than its open-files limit allows: raise `ulimit -n` (LimitNOFILE=, --ulimit nofile=) or groups will stop on EMFILE"
+            );
+        }
         let (health, health_svc) = tonic_health::server::health_reporter();
         set_serving(&health, true).await;
         let (broker, admin) = api_services(&shared);
@@ -324,8 +352,16 @@ async fn serve(
             None
         }
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let r = tonic::transport::Server::builder()
+    let limits = shared.cfg.connections.client_limits();
+    let incoming = runnel_raft::listener::incoming(
+        listener,
+        &limits,
+        "client",
+        Arc::clone(&shared.client_listener),
+    );
+    let r = limits
+        .server()
+        .layer(runnel_raft::listener::TrackCalls)
         .add_service(health_svc)
         .add_optional_service(reflection)
         .add_service(broker)

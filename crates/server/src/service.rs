@@ -74,6 +74,10 @@ pub struct Shared {
     order: ProduceOrder,
     /// The node's storage state: write refusals below the free-space floor, cluster status.
     pub storage: Arc<StorageHealth>,
+    /// The descriptor limit and this node's partition budget.
+    pub fds: crate::fdlimit::Descriptors,
+    /// Counters of the client listener.
+    pub client_listener: Arc<runnel_raft::listener::ListenStats>,
 }
 
 /// Where a batch of an idempotent producer belongs in its sequence.
@@ -94,8 +98,10 @@ impl Shared {
         meta: watch::Receiver<Arc<MetaImage>>,
         stopping: watch::Receiver<bool>,
         storage: Arc<StorageHealth>,
+        fds: crate::fdlimit::Descriptors,
     ) -> Self {
         Shared {
+            fds,
             storage,
             cfg,
             host,
@@ -105,7 +111,24 @@ impl Shared {
             channels: std::sync::Mutex::default(),
             stopping,
             order: ProduceOrder::default(),
+            client_listener: Arc::default(),
         }
+    }
+
+    /// Partitions of every topic whose group has a replica on this node (the metadata log
+    /// excluded), by the replayed metadata.
+    pub fn hosted_partitions(&self) -> u64 {
+        let me = self.node_id();
+        self.image()
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|p| {
+                self.host
+                    .members(p.group)
+                    .is_none_or(|m| m.contains_key(&me))
+            })
+            .count() as u64
     }
 
     fn stopping(&self) -> bool {
@@ -1123,6 +1146,19 @@ impl Api {
                 format!(
                     "{partitions} partitions > limit {}",
                     s.cfg.limits.max_partitions_per_topic
+                ),
+            ));
+        }
+        let hosted = s.hosted_partitions();
+        if hosted + u64::from(partitions) > s.fds.partitions {
+            return fail(error(
+                ErrorCode::InvalidPartitions,
+                format!(
+                    "{partitions} more partitions would take node {} to {} partitions; its open-files limit ({}) allows {}: raise the limit (ulimit -n, LimitNOFILE=) and restart the node, or use fewer partitions",
+                    s.node_id(),
+                    hosted + u64::from(partitions),
+                    s.fds.soft,
+                    s.fds.partitions
                 ),
             ));
         }
