@@ -24,3 +24,4 @@ pub mod api {
 
 pub mod partitioner;
 pub mod topic;
+pub mod wire;

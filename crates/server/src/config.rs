@@ -148,6 +148,10 @@ pub struct Limits {
     pub produce_timeout_ms: u64,
     /// Subscribe: messages buffered per stream before the server waits on the client.
     pub subscribe_buffer: usize,
+    /// Most topics one metadata request may name.
+    pub max_topics_per_request: u32,
+    /// Most headers one record may carry (in a produce request's `records`).
+    pub max_headers_per_record: u32,
 }
 
 /// Limits on connections and HTTP/2 streams (both listeners; see docs/CONFIG.md).
@@ -337,7 +341,24 @@ impl Default for Limits {
             max_group_name_bytes: 249,
             produce_timeout_ms: 30_000,
             subscribe_buffer: 4,
+            max_topics_per_request: 10_000,
+            max_headers_per_record: 1_000,
         }
+    }
+}
+
+impl Limits {
+    /// Element limits of the requests' repeated fields, by full field name, for the codec that
+    /// checks requests before decoding them (every other repeated field: 10 000).
+    pub fn wire_limits(&self) -> Vec<(&'static str, u32)> {
+        let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        vec![
+            ("runnel.v1.ProduceRequest.records", clamp(self.max_records_per_produce)),
+            ("runnel.v1.Record.headers", self.max_headers_per_record),
+            ("runnel.v1.CommitOffsetsRequest.offsets", clamp(self.max_offsets_per_request)),
+            ("runnel.v1.FetchOffsetsRequest.partitions", clamp(self.max_offsets_per_request)),
+            ("runnel.v1.MetadataRequest.topics", self.max_topics_per_request),
+        ]
     }
 }
 
@@ -536,6 +557,8 @@ impl Config {
             ("limits.max_offsets_per_request", l.max_offsets_per_request),
             ("limits.max_group_name_bytes", l.max_group_name_bytes),
             ("limits.subscribe_buffer", l.subscribe_buffer),
+            ("limits.max_topics_per_request", l.max_topics_per_request as usize),
+            ("limits.max_headers_per_record", l.max_headers_per_record as usize),
         ] {
             if v == 0 {
                 p.push(format!("{name} must be > 0"));

@@ -90,6 +90,9 @@ impl Node {
     /// serving.
     pub async fn start(mut cfg: Config) -> Result<Node, StartError> {
         cfg.validate().map_err(StartError::Config)?;
+        for (field, max) in cfg.limits.wire_limits() {
+            runnel_proto::wire::set_field_limit(field, max);
+        }
         let fds = fdlimit::prepare(&cfg);
         tracing::info!(node = cfg.node_id, "{}", fds.describe());
         if fds.client_connections < cfg.connections.max_client
