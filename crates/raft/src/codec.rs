@@ -41,8 +41,25 @@ pub(crate) fn leader_id_to(l: &LeaderId) -> pb::LeaderId {
     }
 }
 
-pub(crate) fn leader_id_from(l: &pb::LeaderId) -> LeaderId {
-    LeaderId::new(l.term, l.node_id)
+/// Largest term accepted from the wire or disk: far beyond any real cluster's (an election a
+/// millisecond for a hundred million years), and far enough below `u64::MAX` that no
+/// `term + 1` can overflow.
+pub const TERM_MAX: u64 = 1 << 62;
+/// Largest log index accepted, for the same reason.
+pub const INDEX_MAX: u64 = 1 << 62;
+
+fn term_checked(what: &'static str, term: u64) -> Result<u64, DecodeError> {
+    if term > TERM_MAX {
+        return Err(DecodeError {
+            what,
+            why: format!("term {term} above the limit {TERM_MAX}"),
+        });
+    }
+    Ok(term)
+}
+
+pub(crate) fn leader_id_from(l: &pb::LeaderId) -> Result<LeaderId, DecodeError> {
+    Ok(LeaderId::new(term_checked("LeaderId", l.term)?, l.node_id))
 }
 
 pub(crate) fn log_id_to(l: &LogId) -> pb::LogId {
@@ -57,7 +74,13 @@ pub(crate) fn log_id_from(l: &pb::LogId) -> Result<LogId, DecodeError> {
         .leader_id
         .as_ref()
         .ok_or_else(|| missing("LogId", "leader_id"))?;
-    Ok(LogId::new(leader_id_from(lid), l.index))
+    if l.index > INDEX_MAX {
+        return Err(DecodeError {
+            what: "LogId",
+            why: format!("index {} above the limit {INDEX_MAX}", l.index),
+        });
+    }
+    Ok(LogId::new(leader_id_from(lid)?, l.index))
 }
 
 pub(crate) fn opt_log_id_to(l: &Option<LogId>) -> Option<pb::LogId> {
@@ -80,10 +103,11 @@ pub(crate) fn vote_from(v: &pb::Vote) -> Result<Vote, DecodeError> {
         .leader_id
         .as_ref()
         .ok_or_else(|| missing("Vote", "leader_id"))?;
+    let term = term_checked("Vote", l.term)?;
     Ok(if v.committed {
-        Vote::new_committed(l.term, l.node_id)
+        Vote::new_committed(term, l.node_id)
     } else {
-        Vote::new(l.term, l.node_id)
+        Vote::new(term, l.node_id)
     })
 }
 
@@ -266,5 +290,23 @@ mod tests {
             decode_vote(b"").is_err(),
             "a vote without a leader id is refused"
         );
+    }
+
+    #[test]
+    fn terms_and_indexes_near_the_top_of_u64_are_refused() {
+        let vote = |term| pb::Vote {
+            leader_id: Some(pb::LeaderId { term, node_id: 1 }),
+            committed: false,
+        };
+        assert!(vote_from(&vote(TERM_MAX)).is_ok());
+        assert!(vote_from(&vote(TERM_MAX + 1)).is_err());
+        assert!(vote_from(&vote(u64::MAX)).is_err());
+        let log_id = |term, index| pb::LogId {
+            leader_id: Some(pb::LeaderId { term, node_id: 1 }),
+            index,
+        };
+        assert!(log_id_from(&log_id(1, INDEX_MAX)).is_ok());
+        assert!(log_id_from(&log_id(1, u64::MAX)).is_err());
+        assert!(log_id_from(&log_id(u64::MAX, 1)).is_err());
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest,
 };
@@ -71,6 +72,64 @@ fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// How far above this replica's own term a peer's term may be. Pre-vote keeps real terms
+/// close together; a term this far ahead is a forged or broken message, and accepting it would
+/// be saved with the vote for good.
+pub const TERM_MARGIN: u64 = 1 << 20;
+
+/// Refuses (and logs, at most once a second) a message whose term is implausibly far ahead.
+fn check_term(g: &GroupEntry, group: u64, rpc: &str, vote: &crate::types::Vote) -> Result<(), Status> {
+    let own = g.raft.metrics().borrow_watched().current_term;
+    let theirs = vote.leader_id().term;
+    if theirs > own.saturating_add(TERM_MARGIN) {
+        static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+        let mut last = LAST.lock().expect("log limiter");
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(group, rpc, own_term = own, their_term = theirs, from = vote.leader_id().node_id,
+                "refused a peer message with a term far above this replica's");
+        }
+        return Err(Status::invalid_argument(format!(
+            "term {theirs} is more than {TERM_MARGIN} above this replica's term {own}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that an AppendEntries' entries follow `prev` one index at a time, with terms that
+/// never decrease and never pass the sender's.
+fn check_entries(
+    vote: &crate::types::Vote,
+    prev: Option<&crate::types::LogId>,
+    entries: &[crate::types::Entry],
+) -> Result<(), Status> {
+    use openraft::entry::RaftEntry;
+    let term = vote.leader_id().term;
+    let mut next = prev.map_or(0, |p| p.index + 1);
+    let mut last_term = prev.map_or(0, |p| p.leader_id.term);
+    if last_term > term {
+        return Err(bad("prev_log_id's term is above the sender's term"));
+    }
+    for e in entries {
+        let id = e.log_id();
+        if id.index != next {
+            return Err(bad(format!(
+                "entry index {} where {next} was expected",
+                id.index
+            )));
+        }
+        if id.leader_id.term < last_term || id.leader_id.term > term {
+            return Err(bad(format!(
+                "entry {} has term {}, outside {last_term}..={term}",
+                id.index, id.leader_id.term
+            )));
+        }
+        last_term = id.leader_id.term;
+        next += 1;
+    }
+    Ok(())
+}
+
 fn fatal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft group stopped: {e}"))
 }
@@ -91,6 +150,11 @@ impl RaftTransport for TransportService {
         let g = self.registry.group(r.group_id)?;
         let vote =
             codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?).map_err(bad)?;
+        check_term(&g, r.group_id, "vote", &vote)?;
+        let last_log_id = codec::opt_log_id_from(&r.last_log_id).map_err(bad)?;
+        if last_log_id.is_some_and(|l| l.leader_id.term > vote.leader_id().term) {
+            return Err(bad("a candidate's last log term is above its vote's term"));
+        }
         if g.catch_up.active() {
             // Lost entries are not back yet: refuse without touching the local vote.
             return Ok(Response::new(pb::VoteResponse {
@@ -101,7 +165,7 @@ impl RaftTransport for TransportService {
         }
         let rpc = VoteRequest {
             vote,
-            last_log_id: codec::opt_log_id_from(&r.last_log_id).map_err(bad)?,
+            last_log_id,
             leadership_transfer: r.leadership_transfer,
         };
         let resp = if r.pre_vote {
@@ -124,7 +188,7 @@ impl RaftTransport for TransportService {
         let r = req.into_inner();
         let g = self.registry.group(r.group_id)?;
         g.catch_up.check_announced(r.vote.as_ref())?;
-        let rpc = AppendEntriesRequest {
+        let rpc: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
             vote: codec::vote_from(r.vote.as_ref().ok_or_else(|| bad("vote missing"))?)
                 .map_err(bad)?,
             prev_log_id: codec::opt_log_id_from(&r.prev_log_id).map_err(bad)?,
@@ -136,6 +200,16 @@ impl RaftTransport for TransportService {
                 .map_err(bad)?,
             leader_commit: codec::opt_log_id_from(&r.leader_commit).map_err(bad)?,
         };
+        check_term(&g, r.group_id, "append_entries", &rpc.vote)?;
+        check_entries(&rpc.vote, rpc.prev_log_id.as_ref(), &rpc.entries)?;
+        let sender_term = rpc.vote.leader_id().term;
+        if rpc
+            .leader_commit
+            .as_ref()
+            .is_some_and(|c: &crate::types::LogId| c.leader_id.term > sender_term)
+        {
+            return Err(bad("leader_commit's term is above the sender's term"));
+        }
         use pb::append_entries_response::Result as R;
         let result = match g.raft.append_entries(rpc).await.map_err(fatal)? {
             AppendEntriesResponse::Success => R::Success(pb::Blank {}),
@@ -173,6 +247,7 @@ impl RaftTransport for TransportService {
         }
         let vote = codec::vote_from(start.vote.as_ref().ok_or_else(|| bad("vote missing"))?)
             .map_err(bad)?;
+        check_term(&g, start.group_id, "install_snapshot", &vote)?;
         let meta = SnapshotMeta {
             last_log_id: codec::opt_log_id_from(&start.last_log_id).map_err(bad)?,
             last_membership: codec::stored_membership_from(
@@ -221,6 +296,7 @@ impl RaftTransport for TransportService {
                 .ok_or_else(|| bad("from_leader missing"))?,
         )
         .map_err(bad)?;
+        check_term(&g, r.group_id, "transfer_leader", &from)?;
         // No catch-up check here: openraft starts the transfer's election only once this
         // replica holds the leader's whole log (`last_log_id`), so it has every committed
         // entry; refusing would leave the old leader stopped until an election timeout.
