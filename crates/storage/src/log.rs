@@ -5,7 +5,7 @@
 //!  dir/
 //!    00000000000000000000.log  .index  .timeindex   sealed: read-only map, trimmed
 //!    00000000000000052110.log  .index  .timeindex   sealed
-//!    00000000000000104388.log                       active: preallocated, writable map
+//!    00000000000000104388.log                       active: writable map, preallocated in steps
 //!    recovery-point                                 everything below this offset is on disk
 //! ```
 //! Offsets are dense: a batch's `baseOffset` is the log end offset when it is appended.
@@ -37,7 +37,8 @@ pub const SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
 /// How a partition log sizes, rolls, indexes, retains and persists its segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
-    /// Size each segment file is preallocated to; a batch that does not fit rolls the segment.
+    /// Size a segment grows to (its file is preallocated in steps); a batch that does not fit
+    /// rolls the segment.
     /// Also the largest batch the log accepts. Default 64 MiB.
     pub segment_bytes: u64,
     /// Roll when an incoming batch's max timestamp is this many ms past the segment's first
@@ -999,10 +1000,8 @@ fn open_active(
         }
         (index, summary)
     };
+    // The map spans the whole segment; the file keeps its length and grows as appends need.
     let capacity = file_len.max(config.segment_bytes);
-    if file_len < capacity {
-        fsutil::reserve_blocks(&file, &path, capacity)?;
-    }
     // Whatever survived may still sit only in the page cache (after a process crash): make it
     // durable before the recovery point says so.
     file.sync_all().ctx("fsync", &path)?;

@@ -7,9 +7,17 @@
 //! mapping) and then advances it with `Release`; readers load it with `Acquire`, so a reader
 //! that sees a length also sees the bytes below it.
 //!
+//! A writable map spans the whole segment (`capacity`) from the start, but the file behind it
+//! grows in steps ([`PREALLOC_MIN`] doubling to [`PREALLOC_MAX_STEP`]): the writer reserves real
+//! blocks ahead of what it writes, so appends still never hit a hole or a full disk mid-batch,
+//! but an idle partition holds 256 KiB of disk, not a whole segment. Pages of the map past the
+//! end of the file are never touched (that would raise `SIGBUS`): `published` never passes the
+//! file's length.
+//!
 //! Soundness rests on four rules kept by this module alone:
 //! 1. only one `MapWriter` exists per map (it is created with the map and is not `Clone`);
-//! 2. the writer never writes below `published`, and never past the map;
+//! 2. the writer never writes below `published`, and never past the map; it extends the file
+//!    before it writes past its end, so `published` ≤ the file's length;
 //! 3. readers never form a slice reaching past `published`;
 //! 4. the owner of the file never truncates or rewrites it while a map lives (recovery zeroes
 //!    torn tails *before* mapping; retention only unlinks, which leaves live maps valid).
@@ -47,6 +55,11 @@ impl std::fmt::Debug for SharedMap {
     }
 }
 
+/// The first reservation of a new segment file, and the smallest growth step.
+pub const PREALLOC_MIN: u64 = 256 << 10;
+/// The largest growth step: each step doubles the reservation up to this.
+pub const PREALLOC_MAX_STEP: u64 = 16 << 20;
+
 /// The single writer of a [`SharedMap`].
 ///
 /// It writes with `pwritev(2)` into the file rather than storing through the map: Linux's page
@@ -57,15 +70,18 @@ impl std::fmt::Debug for SharedMap {
 pub struct MapWriter {
     map: Arc<SharedMap>,
     file: File,
+    /// Bytes of the file with blocks reserved (its length).
+    reserved: u64,
 }
 
 impl SharedMap {
-    /// Maps the first `capacity` bytes of `file` for writing, with `published` bytes already valid.
+    /// Maps `capacity` bytes of `file` for writing, with `published` bytes already valid.
     ///
-    /// The file must be at least `capacity` long with its blocks reserved.
+    /// The file must hold at least `published` bytes; the writer grows it as it appends.
     pub fn writable(file: &File, capacity: usize, published: usize) -> io::Result<MapWriter> {
         assert!(published <= capacity, "published length beyond the map");
-        check_len(file, capacity)?;
+        check_len(file, published)?;
+        let reserved = file.metadata()?.len();
         // SAFETY: rule 4: bytes below `published` never change while mapped; the writer only
         // writes at or above it, through the file, which readers never look at.
         let map = unsafe { MmapOptions::new().len(capacity).map(file)? };
@@ -79,6 +95,7 @@ impl SharedMap {
         Ok(MapWriter {
             map: Arc::new(map),
             file: file.try_clone()?,
+            reserved,
         })
     }
 
@@ -143,6 +160,23 @@ impl MapWriter {
         self.map.capacity - self.map.published.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the file with blocks reserved.
+    #[cfg(test)]
+    fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Reserves blocks up to at least `need` bytes: one step (the reservation so far, between
+    /// [`PREALLOC_MIN`] and [`PREALLOC_MAX_STEP`]) or more, never past the map.
+    fn grow(&mut self, need: u64) -> io::Result<()> {
+        let cap = self.map.capacity as u64;
+        let step = self.reserved.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP);
+        let target = need.max(self.reserved.saturating_add(step)).min(cap);
+        reserve(&self.file, self.reserved, target)?;
+        self.reserved = target;
+        Ok(())
+    }
+
     /// Writes `parts` back to back at the published length, then publishes them all at once.
     /// Nothing is published if the write fails.
     ///
@@ -155,8 +189,13 @@ impl MapWriter {
             total <= self.map.capacity - start,
             "append past the end of the map"
         );
+        let end = (start + total) as u64;
+        if end > self.reserved {
+            self.grow(end)?;
+        }
         // Rules 1-2: we are the only writer and [start, start + total) lies at or above
-        // `published` and inside the map, so no reader can be looking at those bytes.
+        // `published`, inside the map and inside the file, so no reader can be looking at
+        // those bytes.
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let mut bufs = &mut slices[..];
         let mut at = start as u64;
@@ -183,6 +222,29 @@ impl MapWriter {
         self.file.sync_data()
     }
 }
+/// Extends `file` from `from` to `to` bytes with real blocks (zeros where the file system has
+/// no `fallocate`).
+pub fn reserve(file: &File, from: u64, to: u64) -> io::Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), from, to - from) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = from;
+            while at < to {
+                let n = ((to - at) as usize).min(zeros.len());
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn check_len(file: &File, len: usize) -> io::Result<()> {
     let file_len = file.metadata()?.len();
     if (file_len as u128) < len as u128 {
@@ -256,6 +318,44 @@ mod tests {
     }
 
     #[test]
+    fn the_file_grows_in_steps_as_appends_need_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        reserve(&f, 0, PREALLOC_MIN).unwrap();
+        let cap = 64 << 20;
+        let mut w = SharedMap::writable(&f, cap, 0).unwrap();
+        assert_eq!(w.reserved(), PREALLOC_MIN);
+        let chunk: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sizes = vec![];
+        let mut written = 0;
+        while written + chunk.len() <= 40 << 20 {
+            w.append(&[&chunk]).unwrap();
+            written += chunk.len();
+            let len = f.metadata().unwrap().len();
+            assert!(len >= written as u64, "published past the file's end");
+            if sizes.last() != Some(&len) {
+                sizes.push(len);
+            }
+        }
+        // Doubling from 256 KiB, then 16 MiB steps: a handful of fallocates per segment.
+        assert!(sizes.len() <= 10, "{sizes:?}");
+        let m = f.metadata().unwrap();
+        assert!(m.len() < (written + (16 << 20) + 1) as u64, "{}", m.len());
+        assert!(m.blocks() * 512 >= written as u64, "growth is not sparse");
+        let shared = Arc::clone(w.shared());
+        let back = shared.slice(0, written);
+        assert!(back.chunks(chunk.len()).all(|c| c == &chunk[..]));
+    }
+
+    #[test]
     fn mapping_past_eof_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
@@ -267,7 +367,8 @@ mod tests {
             .open(&p)
             .unwrap();
         f.set_len(100).unwrap();
-        assert!(SharedMap::writable(&f, 4096, 0).is_err());
+        assert!(SharedMap::writable(&f, 4096, 101).is_err(), "published past EOF");
+        assert!(SharedMap::writable(&f, 4096, 100).is_ok(), "the writer grows the file");
         assert!(SharedMap::read_only(&f, 101).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! One segment: a preallocated `.log` file mapped with [`SharedMap`], plus its sparse indexes.
+//! One segment: a `.log` file, preallocated in steps as it grows, mapped with [`SharedMap`],
+//! plus its sparse indexes.
 //!
 //! Files are named by the 20-digit base offset: `00000000000000000000.log`, `.index`,
 //! `.timeindex`. A new segment is created under a temp name with its blocks reserved, fsynced,
@@ -358,7 +359,7 @@ pub(crate) fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
     dir.join(format!("{}.{ext}", file_stem(base)))
 }
 
-/// Creates a new, empty, preallocated segment file and maps it for writing.
+/// Creates a new, empty segment file with its first blocks reserved and maps it for writing.
 pub(crate) fn create(dir: &Path, base: u64, capacity: u64) -> Result<(Segment, MapWriter)> {
     let path = segment_path(dir, base, LOG_EXT);
     let tmp = dir.join(format!("{}.{LOG_EXT}.tmp", file_stem(base)));
@@ -369,7 +370,8 @@ pub(crate) fn create(dir: &Path, base: u64, capacity: u64) -> Result<(Segment, M
         .truncate(true)
         .open(&tmp)
         .ctx("create", &tmp)?;
-    fsutil::reserve_blocks(&file, &tmp, capacity)?;
+    // The first step only: the writer reserves more as it appends.
+    fsutil::reserve_blocks(&file, &tmp, capacity.min(crate::mmap::PREALLOC_MIN))?;
     file.sync_all().ctx("fsync", &tmp)?;
     std::fs::rename(&tmp, &path).ctx("rename", &path)?;
     fsutil::fsync_dir(dir)?;

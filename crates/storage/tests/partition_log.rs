@@ -770,3 +770,48 @@ fn every_segment_gone_below_the_recovery_point_is_corruption() {
     let err = PartitionLog::open(dir.path(), small(4096), Recovery::Recorded).unwrap_err();
     assert!(err.is_corruption(), "{err}");
 }
+
+/// Disk a directory's files hold (allocated blocks, not lengths).
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+/// A partition reserves its segment in steps as it fills, not a whole segment at creation
+/// nor at reopen: 100 empty partitions with 64 MiB segments hold about 25 MiB, not 6.4 GB.
+#[test]
+fn partitions_reserve_disk_in_steps_not_whole_segments() {
+    let root = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        ..LogConfig::default()
+    };
+    let mut total = 0;
+    for p in 0..100 {
+        let dir = root.path().join(format!("p{p}"));
+        let log = PartitionLog::open(&dir, config.clone(), Recovery::Recorded).unwrap();
+        log.close().unwrap();
+        let log = PartitionLog::open(&dir, config.clone(), Recovery::Recorded).unwrap();
+        log.close().unwrap();
+        total += allocated(&dir);
+    }
+    assert!(total <= 100 * (300 << 10), "100 empty partitions hold {total} bytes");
+    // One that fills 5 MiB holds about 5 MiB (at most a doubling step more), and reads back.
+    let dir = root.path().join("busy");
+    let log = PartitionLog::open(&dir, config.clone(), Recovery::Recorded).unwrap();
+    let mut n = 0;
+    while log.size_bytes() < 5 << 20 {
+        log.append(&batch(n, 10, 1000, 1000), 1).unwrap();
+        n += 1;
+    }
+    let size = log.size_bytes();
+    let held = allocated(&dir);
+    assert!(held >= size && held <= 2 * size + (1 << 20), "{size} bytes hold {held}");
+    log.close().unwrap();
+    let log = PartitionLog::open(&dir, config, Recovery::Recorded).unwrap();
+    assert_eq!(read_all(&log, 0).len(), n as usize * 10);
+    assert!(allocated(&dir) <= held, "reopen extended the segment");
+}
