@@ -152,6 +152,11 @@ pub struct Limits {
     pub max_topics_per_request: u32,
     /// Most headers one record may carry (in a produce request's `records`).
     pub max_headers_per_record: u32,
+    /// Bytes all Subscribe streams of this node may buffer together.
+    pub subscribe_memory_bytes: usize,
+    /// A Subscribe stream that cannot get budget, or whose client reads nothing, for this long
+    /// is ended with RESOURCE_EXHAUSTED.
+    pub subscribe_stall_ms: u64,
 }
 
 /// Limits on connections and HTTP/2 streams (both listeners; see docs/CONFIG.md).
@@ -243,6 +248,9 @@ pub struct Storage {
     pub min_free_bytes: u64,
     /// How often free space and the groups' health are checked.
     pub check_ms: u64,
+    /// Bytes read through segment maps after which the pages read are dropped from this
+    /// process's resident set (they stay in the page cache); 0: never.
+    pub mapped_resident_bytes: u64,
 }
 
 /// Log output.
@@ -313,6 +321,7 @@ impl Default for Storage {
         Storage {
             min_free_bytes: 256 << 20,
             check_ms: 250,
+            mapped_resident_bytes: 256 << 20,
         }
     }
 }
@@ -343,6 +352,8 @@ impl Default for Limits {
             subscribe_buffer: 4,
             max_topics_per_request: 10_000,
             max_headers_per_record: 1_000,
+            subscribe_memory_bytes: 256 << 20,
+            subscribe_stall_ms: 30_000,
         }
     }
 }
@@ -559,6 +570,8 @@ impl Config {
             ("limits.subscribe_buffer", l.subscribe_buffer),
             ("limits.max_topics_per_request", l.max_topics_per_request as usize),
             ("limits.max_headers_per_record", l.max_headers_per_record as usize),
+            ("limits.subscribe_memory_bytes", l.subscribe_memory_bytes),
+            ("limits.subscribe_stall_ms", l.subscribe_stall_ms as usize),
         ] {
             if v == 0 {
                 p.push(format!("{name} must be > 0"));

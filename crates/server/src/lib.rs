@@ -16,6 +16,7 @@ pub mod node;
 pub mod order;
 pub mod service;
 pub mod storage_health;
+pub mod subscribe;
 
 pub use config::Config;
 pub use node::{Node, StartError};

@@ -93,6 +93,7 @@ impl Node {
         for (field, max) in cfg.limits.wire_limits() {
             runnel_proto::wire::set_field_limit(field, max);
         }
+        runnel_storage::set_resident_budget(cfg.storage.mapped_resident_bytes);
         let fds = fdlimit::prepare(&cfg);
         tracing::info!(node = cfg.node_id, "{}", fds.describe());
         if fds.client_connections < cfg.connections.max_client

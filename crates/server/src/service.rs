@@ -76,6 +76,8 @@ pub struct Shared {
     pub storage: Arc<StorageHealth>,
     /// The descriptor limit and this node's partition budget.
     pub fds: crate::fdlimit::Descriptors,
+    /// The memory Subscribe streams may buffer, node-wide.
+    pub subscribe_budget: crate::subscribe::Budget,
     /// Counters of the client listener.
     pub client_listener: Arc<runnel_raft::listener::ListenStats>,
 }
@@ -103,6 +105,7 @@ impl Shared {
         Shared {
             fds,
             storage,
+            subscribe_budget: crate::subscribe::Budget::new(cfg.limits.subscribe_memory_bytes),
             cfg,
             host,
             meta,
@@ -1261,8 +1264,12 @@ impl api::broker_server::Broker for Api {
         req: Request<api::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
-        let buffer = self.shared.cfg.limits.subscribe_buffer;
-        let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+        let limits = &self.shared.cfg.limits;
+        let (tx, rx) = crate::subscribe::channel(
+            &self.shared.subscribe_budget,
+            limits.subscribe_buffer,
+            Duration::from_millis(limits.subscribe_stall_ms),
+        );
         let me = self.clone();
         tokio::spawn(async move {
             let mut fetch = api::FetchRequest {
@@ -1279,8 +1286,8 @@ impl api::broker_server::Broker for Api {
                 let failed = resp.error.is_some();
                 let empty = resp.records.is_empty() && resp.raw_batches.is_empty();
                 fetch.offset = resp.next_offset;
-                if (!empty || failed) && tx.send(Ok(resp)).await.is_err() {
-                    return; // the client went away
+                if (!empty || failed) && tx.send(resp).await.is_err() {
+                    return; // the client went away, or the stream was ended for stalling
                 }
                 if failed || tx.is_closed() {
                     return;
@@ -1295,14 +1302,12 @@ impl api::broker_server::Broker for Api {
                         served_by: me.shared.node_id(),
                         ..Default::default()
                     };
-                    let _ = tx.send(Ok(bye)).await;
+                    let _ = tx.send(bye).await;
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn list_offsets(

@@ -14,6 +14,13 @@
 //! end of the file are never touched (that would raise `SIGBUS`): `published` never passes the
 //! file's length.
 //!
+//! Pages a reader touches through a map count as the process's resident memory (cgroups and
+//! the OOM killer see them) although the kernel could drop them at any time. So reads are
+//! counted, and once more than the resident budget ([`set_resident_budget`]) was read since
+//! the last trim, every map read since then is told `MADV_DONTNEED`: for a shared file mapping
+//! that only drops the process's page-table entries (the page cache keeps the data, the next
+//! read faults it back in), so it is safe while other threads read the same bytes.
+//!
 //! Soundness rests on four rules kept by this module alone:
 //! 1. only one `MapWriter` exists per map (it is created with the map and is not `Clone`);
 //! 2. the writer never writes below `published`, and never past the map; it extends the file
@@ -25,7 +32,8 @@
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, Weak};
 
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions};
@@ -33,10 +41,12 @@ use memmap2::{Mmap, MmapOptions};
 /// A mapped file whose bytes below `published` are immutable and shareable.
 pub struct SharedMap {
     /// Keeps the (read-only) mapping alive; reads go through `ptr`.
-    _map: Mmap,
+    map: Mmap,
     ptr: *const u8,
     capacity: usize,
     published: AtomicUsize,
+    /// Read since the last trim.
+    touched: AtomicBool,
 }
 
 // SAFETY: the raw pointer targets a read-only mapping that lives as long as `_map`; all
@@ -59,6 +69,59 @@ impl std::fmt::Debug for SharedMap {
 pub const PREALLOC_MIN: u64 = 256 << 10;
 /// The largest growth step: each step doubles the reservation up to this.
 pub const PREALLOC_MAX_STEP: u64 = 16 << 20;
+
+/// Bytes read through maps since the last trim.
+static READ_SINCE_TRIM: AtomicU64 = AtomicU64::new(0);
+/// Reads between trims; 0: never trim.
+static RESIDENT_BUDGET: AtomicU64 = AtomicU64::new(DEFAULT_RESIDENT_BUDGET);
+/// Default of [`set_resident_budget`].
+pub const DEFAULT_RESIDENT_BUDGET: u64 = 256 << 20;
+/// Trims done, for tests and metrics.
+static TRIMS: AtomicU64 = AtomicU64::new(0);
+
+fn registry() -> &'static Mutex<Vec<Weak<SharedMap>>> {
+    static MAPS: Mutex<Vec<Weak<SharedMap>>> = Mutex::new(Vec::new());
+    &MAPS
+}
+
+fn register(map: Arc<SharedMap>) -> Arc<SharedMap> {
+    let mut maps = registry().lock().expect("map registry");
+    if maps.len() >= 64 && maps.len().is_power_of_two() {
+        maps.retain(|w| w.strong_count() > 0);
+    }
+    maps.push(Arc::downgrade(&map));
+    map
+}
+
+/// Bounds the pages that reads through segment maps keep resident in this process: after
+/// `bytes` were read, every map read since the last trim drops its pages (0: never).
+pub fn set_resident_budget(bytes: u64) {
+    RESIDENT_BUDGET.store(bytes, Ordering::Relaxed);
+}
+
+/// How many times maps were trimmed.
+pub fn trims() -> u64 {
+    TRIMS.load(Ordering::Relaxed)
+}
+
+/// Drops the resident pages of every map read since the last trim. One thread trims at a time;
+/// others go on reading.
+fn trim() {
+    let Ok(mut maps) = registry().try_lock() else {
+        return;
+    };
+    READ_SINCE_TRIM.store(0, Ordering::Relaxed);
+    TRIMS.fetch_add(1, Ordering::Relaxed);
+    maps.retain(|w| match w.upgrade() {
+        Some(m) => {
+            if m.touched.swap(false, Ordering::Relaxed) {
+                m.drop_resident();
+            }
+            true
+        }
+        None => false,
+    });
+}
 
 /// The single writer of a [`SharedMap`].
 ///
@@ -87,13 +150,14 @@ impl SharedMap {
         let map = unsafe { MmapOptions::new().len(capacity).map(file)? };
         let ptr = map.as_ptr();
         let map = SharedMap {
-            _map: map,
+            map,
             ptr,
             capacity,
             published: AtomicUsize::new(published),
+            touched: AtomicBool::new(false),
         };
         Ok(MapWriter {
-            map: Arc::new(map),
+            map: register(Arc::new(map)),
             file: file.try_clone()?,
             reserved,
         })
@@ -106,12 +170,13 @@ impl SharedMap {
         // SAFETY: rule 4: the file is sealed and nobody writes or truncates it while mapped.
         let map = unsafe { MmapOptions::new().len(len).map(file)? };
         let ptr = map.as_ptr();
-        Ok(Arc::new(SharedMap {
-            _map: map,
+        Ok(register(Arc::new(SharedMap {
+            map,
             ptr,
             capacity: len,
             published: AtomicUsize::new(len),
-        }))
+            touched: AtomicBool::new(false),
+        })))
     }
 
     /// Bytes readable now.
@@ -128,9 +193,45 @@ impl SharedMap {
             start <= end && end <= self.published(),
             "read past the published length"
         );
+        self.note_read(end - start);
         // SAFETY: rule 3: [start, end) lies below `published`, so no writer touches it and the
         // Acquire load above made the writer's bytes visible.
         unsafe { std::slice::from_raw_parts(self.ptr.add(start), end - start) }
+    }
+
+    /// Counts a read of `len` bytes, trimming every map read since the last trim once more
+    /// than the budget was read.
+    fn note_read(&self, len: usize) {
+        if !self.touched.load(Ordering::Relaxed) {
+            self.touched.store(true, Ordering::Relaxed);
+        }
+        let budget = RESIDENT_BUDGET.load(Ordering::Relaxed);
+        if budget == 0 {
+            return;
+        }
+        let read = READ_SINCE_TRIM.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        if read > budget {
+            trim();
+        }
+    }
+
+    /// Drops this map's pages from the process's resident set (they stay in the page cache).
+    fn drop_resident(&self) {
+        let len = self.published().min(self.capacity);
+        if len == 0 {
+            return;
+        }
+        // SAFETY: the mapping is shared and read-only (MAP_SHARED, PROT_READ): MADV_DONTNEED
+        // only drops page-table entries, and the next access reads the same bytes back from
+        // the page cache. No data changes, so slices other threads hold stay valid. The range
+        // stays below `published`, which is inside the file (no page past EOF is touched).
+        let r = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, len)
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "madvise(DONTNEED) failed");
+        }
     }
 
     /// The published bytes `[start, end)` as a `Bytes` that keeps this map alive.
@@ -353,6 +454,47 @@ mod tests {
         let shared = Arc::clone(w.shared());
         let back = shared.slice(0, written);
         assert!(back.chunks(chunk.len()).all(|c| c == &chunk[..]));
+    }
+
+    /// Resident pages of this process that map files (`RssFile`), in bytes.
+    fn rss_file() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("RssFile:"))
+            .unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    #[test]
+    fn reads_keep_at_most_about_the_budget_resident() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut maps = Vec::new();
+        for i in 0..8 {
+            let p = dir.path().join(format!("m{i}"));
+            std::fs::write(&p, vec![i as u8 + 1; 16 << 20]).unwrap();
+            let f = File::open(&p).unwrap();
+            maps.push(SharedMap::read_only(&f, 16 << 20).unwrap());
+        }
+        set_resident_budget(16 << 20);
+        let before = rss_file();
+        let mut sum = 0u64;
+        for m in &maps {
+            for at in (0..(16 << 20)).step_by(1 << 20) {
+                sum += m.slice(at, at + (1 << 20)).iter().map(|b| u64::from(*b)).sum::<u64>();
+            }
+        }
+        let after = rss_file();
+        set_resident_budget(DEFAULT_RESIDENT_BUDGET);
+        assert_eq!(sum, (1..=8u64).map(|v| v * (16 << 20)).sum::<u64>());
+        // 128 MiB read; at most the budget plus the read in progress stays resident (other
+        // tests in this process read too, so leave room).
+        assert!(
+            after.saturating_sub(before) <= 48 << 20,
+            "{} MiB of mapped pages resident after reading 128 MiB",
+            after.saturating_sub(before) >> 20
+        );
+        assert!(trims() > 0);
     }
 
     #[test]
