@@ -38,7 +38,10 @@ const MAX_DEPTH: usize = 32;
 enum Kind {
     /// A number, bool or enum: `width` bytes in memory; `fixed` when encoded in `width` bytes
     /// (fixed32, double, …) rather than as a varint.
-    Scalar { width: u64, fixed: bool },
+    Scalar {
+        width: u64,
+        fixed: bool,
+    },
     String,
     Bytes,
     Message(String),
@@ -464,7 +467,10 @@ mod tests {
             &[0x0b][..],
             &[0x22, 0x05, 0x0a][..],
         ] {
-            assert!(check("runnel.v1.ProduceRequest", bytes).is_err(), "{bytes:?}");
+            assert!(
+                check("runnel.v1.ProduceRequest", bytes).is_err(),
+                "{bytes:?}"
+            );
         }
     }
 }

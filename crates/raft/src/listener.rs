@@ -275,7 +275,8 @@ pub fn incoming(
                 }
                 Err(e) if resource_exhausted(&e) => {
                     stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                     tracing::warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64,
                         "cannot accept a connection: backing off");
                     tokio::time::sleep(backoff).await;
@@ -471,9 +472,17 @@ mod tests {
         let mut clients = Vec::new();
         for _ in 0..2 {
             clients.push(TcpStream::connect(addr).await.unwrap());
-            held.push(tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap());
+            held.push(
+                tokio_stream::StreamExt::next(&mut inc)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
         }
-        assert!(held[0].io.nodelay().unwrap(), "replies would wait for delayed ACKs");
+        assert!(
+            held[0].io.nodelay().unwrap(),
+            "replies would wait for delayed ACKs"
+        );
         let mut third = TcpStream::connect(addr).await.unwrap();
         assert!(closed_by_server(&mut third, Duration::from_secs(5)).await);
         assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
@@ -497,7 +506,10 @@ mod tests {
         let stats = Arc::new(ListenStats::default());
         let mut inc = incoming(l, &limits(8), "test", Arc::clone(&stats));
         let mut client = TcpStream::connect(addr).await.unwrap();
-        let mut conn = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        let mut conn = tokio_stream::StreamExt::next(&mut inc)
+            .await
+            .unwrap()
+            .unwrap();
         client.write_all(b"PRI * HTTP/2.0").await.unwrap(); // part of the preface only
         let mut buf = [0u8; 64];
         let got = tokio::time::timeout(Duration::from_secs(5), async {
@@ -522,7 +534,10 @@ mod tests {
         let stats = Arc::new(ListenStats::default());
         let mut inc = incoming(l, &limits(8), "test", Arc::clone(&stats));
         let mut client = TcpStream::connect(addr).await.unwrap();
-        let mut conn = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        let mut conn = tokio_stream::StreamExt::next(&mut inc)
+            .await
+            .unwrap()
+            .unwrap();
         client.write_all(&[0u8; PREFACE_LEN]).await.unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(conn.read(&mut buf).await.unwrap(), PREFACE_LEN);

@@ -78,7 +78,12 @@ fn bad(e: impl std::fmt::Display) -> Status {
 pub const TERM_MARGIN: u64 = 1 << 20;
 
 /// Refuses (and logs, at most once a second) a message whose term is implausibly far ahead.
-fn check_term(g: &GroupEntry, group: u64, rpc: &str, vote: &crate::types::Vote) -> Result<(), Status> {
+fn check_term(
+    g: &GroupEntry,
+    group: u64,
+    rpc: &str,
+    vote: &crate::types::Vote,
+) -> Result<(), Status> {
     let own = g.raft.metrics().borrow_watched().current_term;
     let theirs = vote.leader_id().term;
     if theirs > own.saturating_add(TERM_MARGIN) {
@@ -86,8 +91,14 @@ fn check_term(g: &GroupEntry, group: u64, rpc: &str, vote: &crate::types::Vote) 
         let mut last = LAST.lock().expect("log limiter");
         if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
             *last = Some(std::time::Instant::now());
-            tracing::warn!(group, rpc, own_term = own, their_term = theirs, from = vote.leader_id().node_id,
-                "refused a peer message with a term far above this replica's");
+            tracing::warn!(
+                group,
+                rpc,
+                own_term = own,
+                their_term = theirs,
+                from = vote.leader_id().node_id,
+                "refused a peer message with a term far above this replica's"
+            );
         }
         return Err(Status::invalid_argument(format!(
             "term {theirs} is more than {TERM_MARGIN} above this replica's term {own}"

@@ -203,8 +203,13 @@ impl Connections {
     }
 
     /// The peer listener's limits; a call may take as long as a snapshot install.
-    pub fn peer_limits(&self, install_snapshot_timeout_ms: u64) -> runnel_raft::listener::ListenLimits {
-        let request = self.request_timeout_ms.max(install_snapshot_timeout_ms + 60_000);
+    pub fn peer_limits(
+        &self,
+        install_snapshot_timeout_ms: u64,
+    ) -> runnel_raft::listener::ListenLimits {
+        let request = self
+            .request_timeout_ms
+            .max(install_snapshot_timeout_ms + 60_000);
         self.limits(self.max_peer, request)
     }
 
@@ -364,11 +369,23 @@ impl Limits {
     pub fn wire_limits(&self) -> Vec<(&'static str, u32)> {
         let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         vec![
-            ("runnel.v1.ProduceRequest.records", clamp(self.max_records_per_produce)),
+            (
+                "runnel.v1.ProduceRequest.records",
+                clamp(self.max_records_per_produce),
+            ),
             ("runnel.v1.Record.headers", self.max_headers_per_record),
-            ("runnel.v1.CommitOffsetsRequest.offsets", clamp(self.max_offsets_per_request)),
-            ("runnel.v1.FetchOffsetsRequest.partitions", clamp(self.max_offsets_per_request)),
-            ("runnel.v1.MetadataRequest.topics", self.max_topics_per_request),
+            (
+                "runnel.v1.CommitOffsetsRequest.offsets",
+                clamp(self.max_offsets_per_request),
+            ),
+            (
+                "runnel.v1.FetchOffsetsRequest.partitions",
+                clamp(self.max_offsets_per_request),
+            ),
+            (
+                "runnel.v1.MetadataRequest.topics",
+                self.max_topics_per_request,
+            ),
         ]
     }
 }
@@ -568,8 +585,14 @@ impl Config {
             ("limits.max_offsets_per_request", l.max_offsets_per_request),
             ("limits.max_group_name_bytes", l.max_group_name_bytes),
             ("limits.subscribe_buffer", l.subscribe_buffer),
-            ("limits.max_topics_per_request", l.max_topics_per_request as usize),
-            ("limits.max_headers_per_record", l.max_headers_per_record as usize),
+            (
+                "limits.max_topics_per_request",
+                l.max_topics_per_request as usize,
+            ),
+            (
+                "limits.max_headers_per_record",
+                l.max_headers_per_record as usize,
+            ),
             ("limits.subscribe_memory_bytes", l.subscribe_memory_bytes),
             ("limits.subscribe_stall_ms", l.subscribe_stall_ms as usize),
         ] {
@@ -585,7 +608,10 @@ impl Config {
             ("connections.idle_timeout_ms", c.idle_timeout_ms),
             ("connections.keepalive_interval_ms", c.keepalive_interval_ms),
             ("connections.keepalive_timeout_ms", c.keepalive_timeout_ms),
-            ("connections.max_streams_per_connection", c.max_streams_per_connection as u64),
+            (
+                "connections.max_streams_per_connection",
+                c.max_streams_per_connection as u64,
+            ),
             ("connections.request_timeout_ms", c.request_timeout_ms),
         ] {
             if v == 0 {

@@ -147,6 +147,9 @@ mod tests {
         };
         let alone = plan(&Config::default(), 30_000, 30_000, 30_000);
         let shared = plan(&cfg, 30_000, 30_000, 30_000);
-        assert!(shared.partitions * 3 <= alone.partitions, "{shared:?} {alone:?}");
+        assert!(
+            shared.partitions * 3 <= alone.partitions,
+            "{shared:?} {alone:?}"
+        );
     }
 }

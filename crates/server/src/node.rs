@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::fdlimit;
 use crate::config::Config;
+use crate::fdlimit;
 use crate::late::Late;
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
 use crate::service::{Api, Shared, now_ms};

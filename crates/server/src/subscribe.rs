@@ -105,7 +105,11 @@ pub fn channel(budget: &Budget, capacity: usize, stall: Duration) -> (Sender, Re
 impl Sender {
     /// Whether the client went away.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().expect("subscribe state").reader_gone
+        self.shared
+            .state
+            .lock()
+            .expect("subscribe state")
+            .reader_gone
     }
 
     /// Queues `resp`, waiting for budget and for room; ends the stream if either takes longer
@@ -256,7 +260,11 @@ mod tests {
         tx.send(msg(1000)).await.unwrap();
         // The reader does not read: the third waits for room, then the stream ends.
         assert_eq!(tx.send(msg(1000)).await, Err(SendError::Stalled));
-        assert_eq!(budget.available(), 1 << 20, "buffered messages released at once");
+        assert_eq!(
+            budget.available(),
+            1 << 20,
+            "buffered messages released at once"
+        );
         let e = rx.next().await.unwrap().unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         drop(tx);

@@ -29,6 +29,8 @@ pub use log::{
     AppendInfo, LogConfig, PartitionLog, RECOVERY_POINT_FILE, Recovery, RecoveryReport,
     RetentionReason, RetentionReport, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SegmentFile, SyncHook,
 };
-pub use mmap::{DEFAULT_RESIDENT_BUDGET, PREALLOC_MAX_STEP, PREALLOC_MIN, set_resident_budget, trims};
+pub use mmap::{
+    DEFAULT_RESIDENT_BUDGET, PREALLOC_MAX_STEP, PREALLOC_MIN, set_resident_budget, trims,
+};
 pub use persist::PersistMode;
 pub use segment::{INDEX_EXT, LOG_EXT, ReadSlice, TIME_INDEX_EXT};

@@ -459,11 +459,13 @@ mod tests {
     /// Resident pages of this process that map files (`RssFile`), in bytes.
     fn rss_file() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("RssFile:"))
-            .unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
     }
 
     #[test]
@@ -481,7 +483,11 @@ mod tests {
         let mut sum = 0u64;
         for m in &maps {
             for at in (0..(16 << 20)).step_by(1 << 20) {
-                sum += m.slice(at, at + (1 << 20)).iter().map(|b| u64::from(*b)).sum::<u64>();
+                sum += m
+                    .slice(at, at + (1 << 20))
+                    .iter()
+                    .map(|b| u64::from(*b))
+                    .sum::<u64>();
             }
         }
         let after = rss_file();
@@ -509,8 +515,14 @@ mod tests {
             .open(&p)
             .unwrap();
         f.set_len(100).unwrap();
-        assert!(SharedMap::writable(&f, 4096, 101).is_err(), "published past EOF");
-        assert!(SharedMap::writable(&f, 4096, 100).is_ok(), "the writer grows the file");
+        assert!(
+            SharedMap::writable(&f, 4096, 101).is_err(),
+            "published past EOF"
+        );
+        assert!(
+            SharedMap::writable(&f, 4096, 100).is_ok(),
+            "the writer grows the file"
+        );
         assert!(SharedMap::read_only(&f, 101).is_err());
     }
 }

@@ -798,7 +798,10 @@ fn partitions_reserve_disk_in_steps_not_whole_segments() {
         log.close().unwrap();
         total += allocated(&dir);
     }
-    assert!(total <= 100 * (300 << 10), "100 empty partitions hold {total} bytes");
+    assert!(
+        total <= 100 * (300 << 10),
+        "100 empty partitions hold {total} bytes"
+    );
     // One that fills 5 MiB holds about 5 MiB (at most a doubling step more), and reads back.
     let dir = root.path().join("busy");
     let log = PartitionLog::open(&dir, config.clone(), Recovery::Recorded).unwrap();
@@ -809,7 +812,10 @@ fn partitions_reserve_disk_in_steps_not_whole_segments() {
     }
     let size = log.size_bytes();
     let held = allocated(&dir);
-    assert!(held >= size && held <= 2 * size + (1 << 20), "{size} bytes hold {held}");
+    assert!(
+        held >= size && held <= 2 * size + (1 << 20),
+        "{size} bytes hold {held}"
+    );
     log.close().unwrap();
     let log = PartitionLog::open(&dir, config, Recovery::Recorded).unwrap();
     assert_eq!(read_all(&log, 0).len(), n as usize * 10);

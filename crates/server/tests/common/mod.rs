@@ -29,7 +29,20 @@ pub struct Cluster {
     ports: Vec<PortLock>,
     nodes_arg: String,
     data_groups: u32,
+    /// `(soft, hard)` open-files limit the nodes start with.
+    nofile: Option<(u64, u64)>,
     pub dir: tempfile::TempDir,
+}
+
+/// How to start a cluster beyond the defaults.
+#[derive(Default)]
+pub struct Options {
+    /// Keys added to the `[background]` table of the nodes' config file.
+    pub background: String,
+    /// TOML tables appended to the nodes' config file.
+    pub config: String,
+    /// `(soft, hard)` open-files limit the nodes start with (set by `prlimit`).
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl Cluster {
@@ -41,6 +54,19 @@ impl Cluster {
     /// Starts three nodes whose bootstrap list advertises `advertised(node)` as each node's
     /// client address (it need not be where the node listens, as behind NAT).
     pub fn start_advertising(data_groups: u32, advertised: impl Fn(&Proc) -> String) -> Cluster {
+        Self::start_full(data_groups, advertised, Options::default())
+    }
+
+    /// Starts three nodes with `data_groups` data groups and `opts`.
+    pub fn start_with(data_groups: u32, opts: Options) -> Cluster {
+        Self::start_full(data_groups, |n| n.client.clone(), opts)
+    }
+
+    fn start_full(
+        data_groups: u32,
+        advertised: impl Fn(&Proc) -> String,
+        opts: Options,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
@@ -62,7 +88,10 @@ impl Cluster {
         let config = dir.path().join("runneld.toml");
         std::fs::write(
             &config,
-            "[background]\nretention_check_ms = 300\nleader_balance_ms = 2000\n",
+            format!(
+                "[background]\nretention_check_ms = 300\nleader_balance_ms = 2000\n{}\n{}",
+                opts.background, opts.config
+            ),
         )
         .unwrap();
         let nodes_arg = nodes
@@ -75,6 +104,7 @@ impl Cluster {
             ports,
             nodes_arg,
             data_groups,
+            nofile: opts.nofile,
             dir,
         };
         for id in 1..=3 {
@@ -96,7 +126,17 @@ impl Cluster {
             .append(true)
             .open(&n.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_runneld"))
+        let mut cmd = match self.nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_runneld"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_runneld")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(self.dir.path().join("runneld.toml"))
             .arg("--node-id")
@@ -245,6 +285,20 @@ impl Cluster {
     /// Starts node `id` again on its data.
     pub fn restart(&mut self, id: u64) {
         self.spawn(id);
+    }
+
+    /// Node `id`'s process id.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.nodes[id as usize - 1]
+            .child
+            .as_ref()
+            .expect("node runs")
+            .id()
+    }
+
+    /// The config file the nodes start with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("runneld.toml")
     }
 
     /// Whether node `id`'s process is still running.
