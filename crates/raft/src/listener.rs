@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 /// Length of the HTTP/2 client connection preface.
@@ -250,83 +250,113 @@ fn resource_exhausted(e: &io::Error) -> bool {
 
 /// Accepts connections from `listener` within `limits`; `name` labels the logs.
 ///
-/// The accept loop ends when the returned stream is dropped.
+/// The listener closes when the stream is dropped (as the server stops), so its address can be
+/// bound again at once.
 pub fn incoming(
     listener: TcpListener,
     limits: &ListenLimits,
     name: &'static str,
     stats: Arc<ListenStats>,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
-    let (tx, rx) = mpsc::channel(1);
-    let limits = limits.clone();
-    tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(limits.max_connections));
-        let mut backoff = Duration::ZERO;
-        let mut last_refusal_log: Option<Instant> = None;
+) -> Incoming {
+    Incoming {
+        listener,
+        limits: limits.clone(),
+        name,
+        stats,
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        backoff: Duration::ZERO,
+        pause: None,
+        last_refusal_log: None,
+    }
+}
+
+/// The stream of connections [`incoming`] accepts.
+pub struct Incoming {
+    listener: TcpListener,
+    limits: ListenLimits,
+    name: &'static str,
+    stats: Arc<ListenStats>,
+    slots: Arc<Semaphore>,
+    backoff: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+    last_refusal_log: Option<Instant>,
+}
+
+impl Incoming {
+    fn conn(&self, io: TcpStream, remote: SocketAddr, slot: OwnedSemaphorePermit) -> Conn {
+        if let Err(e) = io.set_nodelay(true) {
+            // Without it, Nagle and delayed ACKs stall small replies by ~40 ms.
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        Conn {
+            io,
+            info: ConnInfo {
+                remote: Some(remote),
+                activity: Arc::new(Activity {
+                    born: Instant::now(),
+                    in_flight: AtomicUsize::new(0),
+                    last_ms: AtomicU64::new(0),
+                }),
+            },
+            preface_left: PREFACE_LEN,
+            handshake: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
+            idle_timeout: self.limits.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
+            stats: Arc::clone(&self.stats),
+            _slot: slot,
+        }
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = io::Result<Conn>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                () = tx.closed() => return,
-            };
-            let (io, remote) = match accepted {
+            if let Some(p) = this.pause.as_mut() {
+                ready!(p.as_mut().poll(cx));
+                this.pause = None;
+            }
+            let (io, remote) = match ready!(this.listener.poll_accept(cx)) {
                 Ok(a) => {
-                    backoff = Duration::ZERO;
+                    this.backoff = Duration::ZERO;
                     a
                 }
                 Err(e) if resource_exhausted(&e) => {
-                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    tracing::warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64,
+                    this.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    this.backoff =
+                        (this.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!(listener = this.name, error = %e,
+                        backoff_ms = this.backoff.as_millis() as u64,
                         "cannot accept a connection: backing off");
-                    tokio::time::sleep(backoff).await;
+                    this.pause = Some(Box::pin(tokio::time::sleep(this.backoff)));
                     continue;
                 }
                 // The connection failed before we took it (ECONNABORTED and kin): next one.
                 Err(e) => {
-                    tracing::debug!(listener = name, error = %e, "accept failed");
+                    tracing::debug!(listener = this.name, error = %e, "accept failed");
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    last_refusal_log = Some(Instant::now());
-                    tracing::warn!(listener = name, %remote, max = limits.max_connections,
+            let Ok(slot) = Arc::clone(&this.slots).try_acquire_owned() else {
+                this.stats.refused.fetch_add(1, Ordering::Relaxed);
+                if this
+                    .last_refusal_log
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    this.last_refusal_log = Some(Instant::now());
+                    tracing::warn!(listener = this.name, %remote,
+                        max = this.limits.max_connections,
                         "connection limit reached: closing new connections");
                 }
                 drop(io);
                 continue;
             };
-            if let Err(e) = io.set_nodelay(true) {
-                // Without it, Nagle and delayed ACKs stall small replies by ~40 ms.
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-            stats.open.fetch_add(1, Ordering::Relaxed);
-            let activity = Arc::new(Activity {
-                born: Instant::now(),
-                in_flight: AtomicUsize::new(0),
-                last_ms: AtomicU64::new(0),
-            });
-            let conn = Conn {
-                io,
-                info: ConnInfo {
-                    remote: Some(remote),
-                    activity,
-                },
-                preface_left: PREFACE_LEN,
-                handshake: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
-                idle_timeout: limits.idle_timeout,
-                idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
-                stats: Arc::clone(&stats),
-                _slot: slot,
-            };
-            if tx.send(Ok(conn)).await.is_err() {
-                return;
-            }
+            return Poll::Ready(Some(Ok(this.conn(io, remote, slot))));
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
 }
 
 /// A tower layer that counts a connection's calls in flight, for its idle timeout.
@@ -468,16 +498,20 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let stats = Arc::new(ListenStats::default());
         let mut inc = incoming(l, &limits(2), "test", Arc::clone(&stats));
+        // The server polls its incoming stream all the time; so does this task.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Some(c) = tokio_stream::StreamExt::next(&mut inc).await {
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+        });
         let mut held = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..2 {
             clients.push(TcpStream::connect(addr).await.unwrap());
-            held.push(
-                tokio_stream::StreamExt::next(&mut inc)
-                    .await
-                    .unwrap()
-                    .unwrap(),
-            );
+            held.push(rx.recv().await.unwrap().unwrap());
         }
         assert!(
             held[0].io.nodelay().unwrap(),
@@ -490,13 +524,21 @@ mod tests {
         drop(held.pop());
         // A slot is free again: the next connection is handed over.
         let _c = TcpStream::connect(addr).await.unwrap();
-        let next = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_stream::StreamExt::next(&mut inc),
-        )
-        .await
-        .expect("a freed slot takes a new connection");
+        let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a freed slot takes a new connection");
         assert!(next.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_frees_the_address_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let inc = incoming(l, &limits(2), "test", Arc::default());
+        drop(inc);
+        TcpListener::bind(addr)
+            .await
+            .expect("the address is free again");
     }
 
     #[tokio::test]

@@ -685,6 +685,33 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_lists_every_key() {
+        let example: toml::Table = include_str!("../../../deploy/runneld.toml")
+            .parse()
+            .unwrap();
+        let defaults: toml::Table = toml::to_string(&Config::default())
+            .unwrap()
+            .parse()
+            .unwrap();
+        for (k, v) in &defaults {
+            match v {
+                toml::Value::Table(t) => {
+                    for key in t.keys() {
+                        assert!(
+                            example
+                                .get(k)
+                                .and_then(|e| e.as_table())
+                                .is_some_and(|e| e.contains_key(key)),
+                            "deploy/runneld.toml lacks [{k}] {key}"
+                        );
+                    }
+                }
+                _ => assert!(example.contains_key(k), "deploy/runneld.toml lacks {k}"),
+            }
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let e = Config::from_toml("node_idd = 1").unwrap_err();
         assert!(e.contains("node_idd"), "{e}");
