@@ -116,12 +116,12 @@ fn check_entries(
 ) -> Result<(), Status> {
     use openraft::entry::RaftEntry;
     let term = vote.leader_id().term;
-    let mut next = prev.map_or(0, |p| p.index + 1);
+    let first = prev.map_or(0, |p| p.index + 1);
     let mut last_term = prev.map_or(0, |p| p.leader_id.term);
     if last_term > term {
         return Err(bad("prev_log_id's term is above the sender's term"));
     }
-    for e in entries {
+    for (next, e) in (first..).zip(entries) {
         let id = e.log_id();
         if id.index != next {
             return Err(bad(format!(
@@ -136,7 +136,6 @@ fn check_entries(
             )));
         }
         last_term = id.leader_id.term;
-        next += 1;
     }
     Ok(())
 }

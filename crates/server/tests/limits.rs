@@ -594,20 +594,23 @@ async fn connections_and_streams_are_bounded() {
         pending.push((resp, _body_never_sent));
         h2 = h2.ready().await.unwrap();
     }
+    assert_eq!(
+        h2.current_max_send_streams(),
+        50,
+        "the node advertises its stream limit"
+    );
     let t0 = Instant::now();
     for (resp, _send) in pending {
         let ended = tokio::time::timeout(Duration::from_secs(15), async move {
-            match resp.await {
-                Ok(r) => {
-                    let mut body = r.into_body();
-                    while let Some(d) = body.data().await {
-                        if d.is_err() {
-                            break;
-                        }
+            // A reset stream is an end too.
+            if let Ok(r) = resp.await {
+                let mut body = r.into_body();
+                while let Some(d) = body.data().await {
+                    if d.is_err() {
+                        break;
                     }
-                    let _ = body.trailers().await;
                 }
-                Err(_) => {}
+                let _ = body.trailers().await;
             }
         })
         .await;
@@ -685,8 +688,9 @@ async fn stalled_subscribers_are_ended_within_the_memory_budget() {
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let grew = status_bytes(pid, "VmRSS").saturating_sub(before);
+    // Measured: 20 MiB with the 16 MiB budget, 73 MiB with the budget lifted (4 GiB).
     assert!(
-        grew < 160 << 20,
+        grew < 48 << 20,
         "20 stalled subscribers grew the node by {} MiB",
         grew >> 20
     );
@@ -777,6 +781,10 @@ async fn mapped_pages_read_stay_within_the_resident_budget() {
         .map(|n| cluster.pid(n.id))
         .unwrap();
     let file = status_bytes(pid, "RssFile");
+    eprintln!(
+        "RssFile of the leader after reading {total} MiB: {} MiB",
+        file >> 20
+    );
     assert!(
         file < 112 << 20,
         "{} MiB of file pages resident after reading {total} MiB",
