@@ -57,7 +57,7 @@ impl Default for ListenLimits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             max_concurrent_streams: 1024,
-            request_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -191,7 +191,7 @@ impl Default for Connections {
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 20_000,
             max_streams_per_connection: 1024,
-            request_timeout_ms: 120_000,
+            request_timeout_ms: 600_000,
         }
     }
 }
