@@ -179,6 +179,44 @@ async fn produce_some(c: &runnel_client::Client, topic: &str, n: usize) {
     p.close().await;
 }
 
+/// Creates topic `t` (one partition), writes `mib` batches of one 1 MiB record to its leader,
+/// and returns the leader's Broker client and process id.
+async fn leader_with_mib(
+    cluster: &Cluster,
+    mib: usize,
+) -> (api::broker_client::BrokerClient<tonic::transport::Channel>, u32) {
+    let client = cluster.client().await;
+    cluster.wait_balanced().await;
+    create(&client, "t", 1).await.unwrap();
+    let leader = client.metadata(&["t".into()]).await.unwrap().topics[0].partitions[0]
+        .leader_address
+        .clone();
+    let mut b = broker(&leader).await;
+    for i in 0..mib {
+        let mut bb = BatchBuilder::new(BatchOptions::default());
+        let v = vec![b'a' + (i % 26) as u8; 1 << 20];
+        bb.append(1, None, Some(&v), &[]);
+        let r = b
+            .produce(api::ProduceRequest {
+                topic: "t".into(),
+                partition: Some(0),
+                batch: bb.build(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.error.is_none(), "{:?}", r.error);
+    }
+    let pid = cluster
+        .nodes
+        .iter()
+        .find(|n| n.client == leader)
+        .map(|n| cluster.pid(n.id))
+        .unwrap();
+    (b, pid)
+}
+
 /// Every repeated field of a request has a count limit, and a request is refused before it is
 /// decoded: requests built by hand that would have cost gigabytes cost the node nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -639,36 +677,7 @@ async fn stalled_subscribers_are_ended_within_the_memory_budget() {
             ..Options::default()
         },
     );
-    let client = cluster.client().await;
-    cluster.wait_balanced().await;
-    create(&client, "t", 1).await.unwrap();
-    let leader = client.metadata(&["t".into()]).await.unwrap().topics[0].partitions[0]
-        .leader_address
-        .clone();
-    let mut b = broker(&leader).await;
-    // 48 MiB in 1 MiB batches.
-    for i in 0..48 {
-        let mut bb = BatchBuilder::new(BatchOptions::default());
-        let v = vec![b'a' + (i % 26) as u8; 1 << 20];
-        bb.append(1, None, Some(&v), &[]);
-        let r = b
-            .produce(api::ProduceRequest {
-                topic: "t".into(),
-                partition: Some(0),
-                batch: bb.build(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.error.is_none(), "{:?}", r.error);
-    }
-    let pid = cluster
-        .nodes
-        .iter()
-        .find(|n| n.client == leader)
-        .map(|n| cluster.pid(n.id))
-        .unwrap();
+    let (mut b, pid) = leader_with_mib(&cluster, 48).await;
     let before = status_bytes(pid, "VmRSS");
     let mut streams = Vec::new();
     for _ in 0..20 {
@@ -730,30 +739,8 @@ async fn mapped_pages_read_stay_within_the_resident_budget() {
             ..Options::default()
         },
     );
-    let client = cluster.client().await;
-    cluster.wait_balanced().await;
-    create(&client, "t", 1).await.unwrap();
-    let leader = client.metadata(&["t".into()]).await.unwrap().topics[0].partitions[0]
-        .leader_address
-        .clone();
-    let mut b = broker(&leader).await;
     let total = 192usize;
-    for i in 0..total {
-        let mut bb = BatchBuilder::new(BatchOptions::default());
-        let v = vec![b'a' + (i % 26) as u8; 1 << 20];
-        bb.append(1, None, Some(&v), &[]);
-        let r = b
-            .produce(api::ProduceRequest {
-                topic: "t".into(),
-                partition: Some(0),
-                batch: bb.build(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.error.is_none(), "{:?}", r.error);
-    }
+    let (mut b, pid) = leader_with_mib(&cluster, total).await;
     let mut offset = 0;
     let mut bytes = 0usize;
     while offset < total as i64 {
@@ -774,12 +761,6 @@ async fn mapped_pages_read_stay_within_the_resident_budget() {
         offset = r.next_offset;
     }
     assert!(bytes >= total << 20);
-    let pid = cluster
-        .nodes
-        .iter()
-        .find(|n| n.client == leader)
-        .map(|n| cluster.pid(n.id))
-        .unwrap();
     let file = status_bytes(pid, "RssFile");
     eprintln!(
         "RssFile of the leader after reading {total} MiB: {} MiB",
