@@ -195,7 +195,9 @@ impl GroupStore {
             dir: dir.to_path_buf(),
             defaults,
             state: Mutex::default(),
-            checkpoint_seq: AtomicU64::new(0),
+            // Past every name an earlier open of this group used: a reopened group must never
+            // rename a new checkpoint onto an old one's directory.
+            checkpoint_seq: AtomicU64::new(next_checkpoint_seq(&dir.join("checkpoints"))?),
             crc_cache: Mutex::default(),
             damage: None,
             damage_found: Arc::new(DamageSignal::new(dir)),
@@ -962,6 +964,21 @@ impl GroupStore {
     }
 }
 
+/// One past the largest sequence number ending a name in the checkpoints directory
+/// (`<index>-<term>-<seq>`, `<index>-installed-<seq>`, `incoming-<id>-<seq>`, each maybe `.tmp`).
+fn next_checkpoint_seq(ck_root: &Path) -> io::Result<u64> {
+    let mut next = 0;
+    for e in std::fs::read_dir(ck_root)? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        let name = name.trim_end_matches(".tmp");
+        if let Some(seq) = name.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
+            next = next.max(seq.saturating_add(1));
+        }
+    }
+    Ok(next)
+}
+
 fn crc_prefix(path: &Path, len: u64) -> io::Result<u32> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?.take(len);
@@ -1105,5 +1122,20 @@ mod tests {
         assert!(store.partitions().is_empty());
         let left: Vec<_> = std::fs::read_dir(&ck).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// Seen in fault scenario 14: a group reopened after damage installed a snapshot at the
+    /// same index as before the reopen, its name counter restarted at 0, and the rename onto
+    /// the old checkpoint's directory failed with ENOTEMPTY, stopping the node.
+    #[test]
+    fn a_reopened_store_never_reuses_a_checkpoint_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        for name in ["1312-installed-1", "00000000000000000900-2-4"] {
+            std::fs::create_dir_all(ck.join(name).join("p1")).unwrap();
+        }
+        let store = GroupStore::open(dir.path(), LogConfig::default()).unwrap();
+        assert!(store.checkpoint_seq.load(Ordering::Relaxed) >= 5);
+        assert_eq!(next_checkpoint_seq(&ck).unwrap(), 5);
     }
 }

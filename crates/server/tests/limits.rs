@@ -184,7 +184,10 @@ async fn produce_some(c: &runnel_client::Client, topic: &str, n: usize) {
 async fn leader_with_mib(
     cluster: &Cluster,
     mib: usize,
-) -> (api::broker_client::BrokerClient<tonic::transport::Channel>, u32) {
+) -> (
+    api::broker_client::BrokerClient<tonic::transport::Channel>,
+    u32,
+) {
     let client = cluster.client().await;
     cluster.wait_balanced().await;
     create(&client, "t", 1).await.unwrap();
