@@ -622,6 +622,17 @@ async fn connections_and_streams_are_bounded() {
         let _ = conn.await;
     });
     let mut h2 = h2.ready().await.unwrap();
+    // The handshake returns before the node's SETTINGS frame is read; until then h2 reports
+    // no limit (usize::MAX). Wait for the frame, with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h2.current_max_send_streams() == usize::MAX && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        h2.current_max_send_streams(),
+        50,
+        "the node advertises its stream limit"
+    );
     let mut pending = Vec::new();
     for _ in 0..40 {
         let req = http::Request::builder()
@@ -635,11 +646,6 @@ async fn connections_and_streams_are_bounded() {
         pending.push((resp, _body_never_sent));
         h2 = h2.ready().await.unwrap();
     }
-    assert_eq!(
-        h2.current_max_send_streams(),
-        50,
-        "the node advertises its stream limit"
-    );
     let t0 = Instant::now();
     for (resp, _send) in pending {
         let ended = tokio::time::timeout(Duration::from_secs(15), async move {
