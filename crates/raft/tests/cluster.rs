@@ -30,6 +30,9 @@ struct Cluster {
     nodes: Vec<Node>,
     live: Live,
     groups: Vec<u64>,
+    /// Next sequence number per partition for [`Cluster::plain`]'s producer. Per cluster, not
+    /// per process: `cargo test` runs every test of this file in one process.
+    sequences: Mutex<BTreeMap<u64, i32>>,
 }
 
 fn config(id: u64, dir: &std::path::Path) -> HostConfig {
@@ -123,6 +126,7 @@ impl Cluster {
             nodes,
             live,
             groups: groups.to_vec(),
+            sequences: Mutex::default(),
         };
         let members = c.members();
         for g in groups {
@@ -250,6 +254,30 @@ impl Cluster {
         assert_eq!(digests.len(), 1, "{digests:?}");
     }
 
+    /// A produce of `n` records tagged `tag` from this test's idempotent producer (id 1000), so that
+    /// `write_via` may retry it after an unknown outcome without ever writing it twice.
+    fn plain(&self, partition: u64, tag: &str, n: usize) -> pb::Command {
+        let seq = {
+            let mut m = self.sequences.lock().unwrap();
+            let next = m.entry(partition).or_insert(0);
+            let seq = *next;
+            *next += n as i32;
+            seq
+        };
+        let o = BatchOptions {
+            producer_id: 1000,
+            producer_epoch: 0,
+            base_sequence: seq,
+            ..Default::default()
+        };
+        produce(partition, batch(tag, n, o), o)
+    }
+
+    /// Writes [`Cluster::plain`]'s records and checks that they were appended, not refused.
+    async fn produce(&self, group: u64, partition: u64, tag: &str, n: usize) -> (u64, u64, bool) {
+        produced(self.write(group, self.plain(partition, tag, n)).await)
+    }
+
     async fn shutdown(self) {
         for h in self.running() {
             h.shutdown().await;
@@ -296,28 +324,6 @@ fn produce(partition: u64, batch: Bytes, opts: BatchOptions) -> pb::Command {
     }
 }
 
-/// Next sequence number per partition for [`plain`]'s producer (each test is its own process).
-static SEQUENCES: Mutex<BTreeMap<u64, i32>> = Mutex::new(BTreeMap::new());
-
-/// A produce of `n` records tagged `tag` from this test's idempotent producer (id 1000), so that
-/// `write_via` may retry it after an unknown outcome without ever writing it twice.
-fn plain(partition: u64, tag: &str, n: usize) -> pb::Command {
-    let seq = {
-        let mut m = SEQUENCES.lock().unwrap();
-        let next = m.entry(partition).or_insert(0);
-        let seq = *next;
-        *next += n as i32;
-        seq
-    };
-    let o = BatchOptions {
-        producer_id: 1000,
-        producer_epoch: 0,
-        base_sequence: seq,
-        ..Default::default()
-    };
-    produce(partition, batch(tag, n, o), o)
-}
-
 fn produced(r: ApplyResult) -> (u64, u64, bool) {
     match r {
         ApplyResult::Produced {
@@ -361,7 +367,7 @@ async fn writes_replicate_to_identical_partitions_across_groups() {
     for i in 0..60 {
         for (g, p) in [(1u64, 10u64), (1, 11), (2, 20)] {
             // `duplicate` may be true if a retry after a lost acknowledgement hit the dedup table.
-            let (base, last, _) = produced(c.write(g, plain(p, &format!("{p}-{i}"), 3)).await);
+            let (base, last, _) = produced(c.write(g, c.plain(p, &format!("{p}-{i}"), 3)).await);
             let want = next.entry(p).or_insert(0u64);
             assert_eq!(
                 (base, last),
@@ -400,7 +406,7 @@ async fn acknowledged_writes_survive_leader_loss_and_restart_exactly_once() {
     let mut acked: Vec<(u64, String)> = Vec::new();
     for i in 0..30 {
         let tag = format!("a{i}");
-        let (base, _, _) = produced(c.write(1, plain(7, &tag, 1)).await);
+        let (base, _, _) = produced(c.write(1, c.plain(7, &tag, 1)).await);
         acked.push((base, format!("{tag}/0")));
     }
     let old = c.leader(1).await;
@@ -409,7 +415,7 @@ async fn acknowledged_writes_survive_leader_loss_and_restart_exactly_once() {
     assert_ne!(new, old);
     for i in 30..60 {
         let tag = format!("a{i}");
-        let (base, _, _) = produced(c.write(1, plain(7, &tag, 1)).await);
+        let (base, _, _) = produced(c.write(1, c.plain(7, &tag, 1)).await);
         acked.push((base, format!("{tag}/0")));
     }
     // The old leader comes back from its data directory and catches up from WAL and peers.
@@ -608,7 +614,7 @@ async fn a_write_that_cannot_commit_ends_when_its_leader_stops() {
         }
     }
     // No quorum: the write is queued in the leader's log and can never commit.
-    let pending = host.propose(1, plain(7, "stranded", 1)).await.unwrap();
+    let pending = host.propose(1, c.plain(7, "stranded", 1)).await.unwrap();
     let pending = tokio::spawn(pending);
     c.stop(leader).await;
     let r = tokio::time::timeout(WAIT, pending)
@@ -623,7 +629,7 @@ async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
     let c = Cluster::start(&[1]).await;
     c.write(1, create(6)).await;
     for i in 0..20 {
-        c.write(1, plain(6, &format!("t{i}"), 2)).await;
+        c.produce(1, 6, &format!("t{i}"), 2).await;
     }
     let leader = c.leader(1).await;
     let victim = c.other_than(&[leader]);
@@ -651,7 +657,7 @@ async fn torn_wal_tail_is_cut_and_the_node_catches_up() {
     std::io::Write::write_all(&mut f, &[0x5a; 37]).unwrap();
     drop(f);
     for i in 20..40 {
-        c.write(1, plain(6, &format!("t{i}"), 2)).await;
+        c.produce(1, 6, &format!("t{i}"), 2).await;
     }
     c.restart(victim).await;
     let rec = c.host(victim).wal_recovery(1).unwrap();
@@ -678,7 +684,7 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
     let c = Cluster::start_with(&[1], &cfg).await;
     c.write(1, create(8)).await;
     for i in 0..100 {
-        c.write(1, plain(8, &format!("s{i}"), 3)).await;
+        c.produce(1, 8, &format!("s{i}"), 3).await;
     }
     let leader = c.leader(1).await;
     let lh = c.host(leader);
@@ -721,7 +727,7 @@ async fn wiped_follower_rejoins_under_a_new_id_by_snapshot_then_votes() {
         .await
         .unwrap();
     for i in 100..110 {
-        c.write(1, plain(8, &format!("s{i}"), 3)).await;
+        c.produce(1, 8, &format!("s{i}"), 3).await;
     }
     c.converge(1).await;
     let digests: BTreeSet<_> = c
@@ -831,7 +837,7 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
     let c = Cluster::start_with(&[1], &cfg).await;
     c.write(1, create(6)).await;
     for i in 0..60 {
-        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+        c.produce(1, 6, &format!("r{i}"), 2).await;
     }
     let leader = c.leader(1).await;
     let victim = c.other_than(&[leader]);
@@ -901,7 +907,7 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
     // The third node returns: a leader with every entry, the repaired node catches up.
     c.restart_with(leader, &cfg).await;
     for i in 60..70 {
-        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+        c.produce(1, 6, &format!("r{i}"), 2).await;
     }
     c.converge(1).await;
     c.wait_caught_up(victim, 1).await;
@@ -911,7 +917,7 @@ async fn damaged_follower_repairs_from_the_others(cut_segment: bool) {
     let old = c.leader(1).await;
     c.stop(old).await;
     for i in 70..75 {
-        c.write(1, plain(6, &format!("r{i}"), 2)).await;
+        c.produce(1, 6, &format!("r{i}"), 2).await;
     }
     c.converge(1).await;
     assert_eq!(values(&c.host(victim), 1, 6).len(), 150);
@@ -936,7 +942,7 @@ async fn a_live_leader_re_replicates_to_a_follower_that_lost_acknowledged_entrie
     let c = Cluster::start(&[1]).await;
     c.write(1, create(6)).await;
     for i in 0..40 {
-        c.write(1, plain(6, &format!("l{i}"), 2)).await;
+        c.produce(1, 6, &format!("l{i}"), 2).await;
     }
     let leader = c.leader(1).await;
     let victim = c.other_than(&[leader]);
@@ -947,7 +953,7 @@ async fn a_live_leader_re_replicates_to_a_follower_that_lost_acknowledged_entrie
     c.restart(victim).await;
     assert!(c.host(victim).wal_recovery(1).unwrap().repaired.is_some());
     for i in 40..50 {
-        c.write(1, plain(6, &format!("l{i}"), 2)).await;
+        c.produce(1, 6, &format!("l{i}"), 2).await;
     }
     c.converge(1).await;
     let vh = c.host(victim);
@@ -972,7 +978,7 @@ async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
     let c = Cluster::start_with(&[1], &slow).await;
     c.write(1, create(6)).await;
     for i in 0..40 {
-        c.write(1, plain(6, &format!("v{i}"), 2)).await;
+        c.produce(1, 6, &format!("v{i}"), 2).await;
     }
     c.converge(1).await;
     let leader = c.leader(1).await;
@@ -988,7 +994,7 @@ async fn a_leader_that_lost_acknowledged_entries_does_not_resume_leading() {
         "resumed leading: {m:?}"
     );
     for i in 40..50 {
-        c.write(1, plain(6, &format!("v{i}"), 2)).await;
+        c.produce(1, 6, &format!("v{i}"), 2).await;
     }
     assert_ne!(c.leader(1).await, leader);
     c.converge(1).await;
@@ -1037,7 +1043,7 @@ async fn checkpointed_cluster() -> Cluster {
     let c = Cluster::start_with(&[1], &cfg).await;
     c.write(1, create(6)).await;
     for i in 0..60 {
-        c.write(1, plain(6, &format!("r{i}"), 100)).await;
+        c.produce(1, 6, &format!("r{i}"), 100).await;
     }
     c.converge(1).await;
     for h in c.running() {
@@ -1080,7 +1086,7 @@ async fn damage_found_while_serving_is_reported_and_repaired_by_reopening() {
         .unwrap();
     assert_eq!(vh.store(1).unwrap().damage_count(), 0, "a new store");
     for i in 60..70 {
-        c.write(1, plain(6, &format!("r{i}"), 100)).await;
+        c.produce(1, 6, &format!("r{i}"), 100).await;
     }
     c.converge(1).await;
     c.wait_caught_up(victim, 1).await;
@@ -1141,7 +1147,7 @@ async fn a_snapshot_sender_never_ships_a_file_that_no_longer_matches_its_crc() {
         .await
         .unwrap_or_else(|_| panic!("learner never caught up: {:?}", h4.metrics(1)))
         .unwrap();
-    c.write(1, plain(6, "after", 100)).await;
+    c.produce(1, 6, "after", 100).await;
     c.converge(1).await;
     c.wait_caught_up(leader, 1).await;
     c.assert_identical(1, 6);
