@@ -1,7 +1,7 @@
 //! Shared helpers for Runnel's benchmarks: deterministic record batches and scratch directories.
 
 use bytes::Bytes;
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 
 /// Size of one benchmark record's value.
 pub const RECORD_BYTES: usize = 1024;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use runnel_proto::api::{self, ErrorCode};
-use runnel_storage::batch::RecordBatch;
+use runnel_record::RecordBatch;
 
 use crate::client::{Client, backoff};
 use crate::error::{Error, retriable_code};

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use runnel_proto::api::{self, ErrorCode};
 use runnel_proto::partitioner;
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 
 use crate::client::{Client, backoff};

@@ -27,8 +27,9 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
 use prost::Message;
 use runnel_proto::raft as pb;
 use runnel_storage::manifest::{Manifest, ManifestFile};
+use runnel_record as batch;
 use runnel_storage::{
-    LogConfig, PartitionLog, PersistMode, ReadSlice, Recovery, StorageError, batch, fsutil,
+    LogConfig, PartitionLog, PersistMode, ReadSlice, Recovery, StorageError, fsutil,
 };
 use tokio::sync::watch;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use runnel_proto::raft as pb;
 use runnel_raft::{ApplyError, ApplyResult, HostConfig, RaftHost, WriteError};
-use runnel_storage::batch::{BatchBuilder, BatchOptions, RecordBatch};
+use runnel_record::{BatchBuilder, BatchOptions, RecordBatch};
 use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -555,10 +555,10 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.max_batch_bytes == 0 || l.max_batch_bytes > runnel_storage::batch::BATCH_BYTES_MAX {
+        if l.max_batch_bytes == 0 || l.max_batch_bytes > runnel_record::BATCH_BYTES_MAX {
             p.push(format!(
                 "limits.max_batch_bytes must be in 1..={}",
-                runnel_storage::batch::BATCH_BYTES_MAX
+                runnel_record::BATCH_BYTES_MAX
             ));
         }
         if l.max_request_bytes < l.max_batch_bytes + 4096 {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use prost::Message;
 use runnel_proto::raft as pb;
 use runnel_raft::RaftHost;
-use runnel_storage::batch::{BatchBuilder, BatchOptions, RecordBatch};
+use runnel_record::{BatchBuilder, BatchOptions, RecordBatch};
 use tokio::sync::watch;
 
 /// The metadata group's id.

@@ -19,7 +19,7 @@ use runnel_raft::{ApplyError, ApplyResult, GroupMetrics, RaftHost, ReadError, Wr
 use runnel_storage::StorageError;
 
 use crate::storage_health::StorageHealth;
-use runnel_storage::batch::{self, BatchBuilder, BatchOptions, RecordBatch};
+use runnel_record::{self as batch, BatchBuilder, BatchOptions, RecordBatch};
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;

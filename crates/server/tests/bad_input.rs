@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::{Cluster, broker, wait_for};
 use runnel_client::api::{self, ErrorCode};
 use runnel_client::{ConsumerConfig, ProducerConfig, ProducerRecord, TopicSpec};
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 
 fn code(e: &Option<api::Error>) -> ErrorCode {
     e.as_ref()

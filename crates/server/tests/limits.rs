@@ -11,7 +11,7 @@ use common::{Cluster, Options, broker, wait_for};
 use runnel_client::api;
 use runnel_client::{ProducerConfig, ProducerRecord, TopicSpec};
 use runnel_proto::raft as rpb;
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 

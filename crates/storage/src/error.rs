@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::batch::BatchError;
+use runnel_record::BatchError;
 
 /// Result alias for storage operations.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

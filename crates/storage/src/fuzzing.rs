@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use crate::batch::{self, RecordBatch};
+use runnel_record::{self as batch, RecordBatch};
 use crate::manifest::Manifest;
 use crate::scan::{self, ScanStop};
 use crate::wal;

@@ -25,7 +25,7 @@
 //! `.timeindex` file: magic "RNTX", version, reserved, base_offset, count N, then `12N` bytes of
 //! entries (timestamp i64, relative_offset u32), then the CRC-32C of every byte before it.
 
-use crate::batch::BatchHeader;
+use runnel_record::BatchHeader;
 
 const INDEX_MAGIC: &[u8; 4] = b"RNIX";
 const TIME_MAGIC: &[u8; 4] = b"RNTX";

@@ -1,7 +1,7 @@
 //! Runnel's storage engine: everything that touches a partition's or a Raft group's bytes on
 //! disk, and nothing else.
 //!
-//! It owns the Kafka RecordBatch v2 codec ([`batch`]), memory-mapped segment files with sparse
+//! It owns memory-mapped segment files with sparse
 //! offset and time indexes ([`PartitionLog`]), the per-group write-ahead log with group commit
 //! ([`wal::Wal`]) and checkpoint manifests ([`manifest`]). It is synchronous (no Tokio) and knows
 //! nothing of Raft, gRPC or the network: the `raft` crate drives it.
@@ -11,7 +11,6 @@
 //! that fails its checks as [`StorageError::Corruption`]. All `unsafe` code lives in `mmap.rs`.
 //! On-disk formats are documented beside their code and in `docs/FORMAT.md`.
 
-pub mod batch;
 mod error;
 pub mod fsutil;
 pub mod fuzzing;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::batch::{self, BatchHeader};
+use runnel_record::{self as batch, BatchHeader};
 use crate::error::{IoContext, Result, StorageError};
 use crate::fsutil::{self, parse_stem};
 use crate::index::{SegmentIndex, SegmentSummary};

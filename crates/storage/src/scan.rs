@@ -3,7 +3,7 @@
 //! Used when a segment is opened past its durable point, when an index is rebuilt, and by the
 //! fuzz targets. It never panics on any input.
 
-use crate::batch::{self, BatchError, BatchHeader, LOG_OVERHEAD};
+use runnel_record::{self as batch, BatchError, BatchHeader, LOG_OVERHEAD};
 
 /// Why a scan stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +138,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::batch::{BatchBuilder, BatchOptions, set_base_offset};
+    use runnel_record::{BatchBuilder, BatchOptions, set_base_offset};
 
     fn log_of(n: usize) -> (Vec<u8>, Vec<usize>) {
         let mut out = Vec::new();

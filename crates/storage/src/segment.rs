@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use crate::batch::{self, BatchHeader, RecordBatch};
+use runnel_record::{self as batch, BatchHeader, RecordBatch};
 use crate::error::{IoContext, Result, StorageError};
 use crate::fsutil::{self, file_stem};
 use crate::index::{SegmentIndex, SegmentSummary};

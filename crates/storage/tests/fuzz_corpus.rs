@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use proptest::prelude::*;
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 use runnel_storage::fuzzing::{self, TARGETS};
 
 fn fuzz_dir() -> PathBuf {
@@ -41,7 +41,7 @@ fn corpus_and_regressions_replay_cleanly() {
 #[test]
 #[ignore = "tool: regenerates the seed corpus"]
 fn write_seed_corpus() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kafka");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../record/tests/fixtures/kafka");
     let mut batches = Vec::new();
     for e in std::fs::read_dir(&fixtures).unwrap() {
         let p = e.unwrap().path();
@@ -66,7 +66,7 @@ fn write_seed_corpus() {
             b.append(j as i64, Some(b"k"), Some(b"v"), &[(b"h", Some(b"x"))]);
         }
         let mut b = b.build().to_vec();
-        runnel_storage::batch::set_base_offset(&mut b, next);
+        runnel_record::set_base_offset(&mut b, next);
         next += i as u64 + 1;
         seg.extend_from_slice(&b);
     }

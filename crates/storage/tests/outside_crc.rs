@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use runnel_storage::batch::{BatchBuilder, BatchOptions};
+use runnel_record::{BatchBuilder, BatchOptions};
 use runnel_storage::wal::{Entry, META_FILE, Wal, WalConfig};
 use runnel_storage::{LogConfig, PartitionLog, PersistMode, Recovery, StorageError};
 

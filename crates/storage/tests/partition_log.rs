@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use runnel_storage::batch::{BatchBuilder, BatchOptions, RecordBatch};
+use runnel_record::{BatchBuilder, BatchOptions, RecordBatch};
 use runnel_storage::{LogConfig, PartitionLog, PersistMode, Recovery, StorageError};
 
 /// A batch of `n` records with timestamps `ts, ts+1, …` whose values name the batch and record.

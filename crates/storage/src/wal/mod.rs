@@ -73,7 +73,7 @@ impl Default for WalConfig {
     fn default() -> Self {
         WalConfig {
             file_bytes: 64 << 20,
-            entry_bytes_max: crate::batch::BATCH_BYTES_MAX + (1 << 20),
+            entry_bytes_max: runnel_record::BATCH_BYTES_MAX + (1 << 20),
             persist: PersistMode::Fsync,
             repair: false,
             committed_save_interval: Duration::from_millis(10),

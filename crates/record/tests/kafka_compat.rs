@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use runnel_storage::batch::{BatchBuilder, BatchOptions, RecordBatch};
+use runnel_record::{BatchBuilder, BatchOptions, RecordBatch};
 use serde_json::Value;
 
 fn fixtures() -> Vec<(String, Bytes, Value)> {
