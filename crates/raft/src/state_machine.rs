@@ -26,8 +26,8 @@ use openraft::storage::{
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
 use prost::Message;
 use runnel_proto::raft as pb;
-use runnel_storage::manifest::{Manifest, ManifestFile};
 use runnel_record as batch;
+use runnel_storage::manifest::{Manifest, ManifestFile};
 use runnel_storage::{
     LogConfig, PartitionLog, PersistMode, ReadSlice, Recovery, StorageError, fsutil,
 };

@@ -6,10 +6,10 @@
 
 use bytes::Bytes;
 
-use runnel_record::{self as batch, RecordBatch};
 use crate::manifest::Manifest;
 use crate::scan::{self, ScanStop};
 use crate::wal;
+use runnel_record::{self as batch, RecordBatch};
 
 /// The names of the harnesses, as used for corpus directories.
 pub const TARGETS: &[&str] = &[

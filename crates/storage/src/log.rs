@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use runnel_record::{self as batch, BatchHeader};
 use crate::error::{IoContext, Result, StorageError};
 use crate::fsutil::{self, parse_stem};
 use crate::index::{SegmentIndex, SegmentSummary};
@@ -26,6 +25,7 @@ use crate::mmap::{MapWriter, SharedMap};
 use crate::persist::{PersistMode, Poison};
 use crate::scan::{self, ScanStop};
 use crate::segment::{self, INDEX_EXT, LOG_EXT, ReadSlice, Segment, TIME_INDEX_EXT, segment_path};
+use runnel_record::{self as batch, BatchHeader};
 
 /// Name of the file holding the offset below which the log is known to be on disk.
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";

@@ -13,11 +13,11 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use runnel_record::{self as batch, BatchHeader, RecordBatch};
 use crate::error::{IoContext, Result, StorageError};
 use crate::fsutil::{self, file_stem};
 use crate::index::{SegmentIndex, SegmentSummary};
 use crate::mmap::{MapWriter, SharedMap};
+use runnel_record::{self as batch, BatchHeader, RecordBatch};
 
 /// Extension of segment data files.
 pub const LOG_EXT: &str = "log";
