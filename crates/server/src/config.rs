@@ -1,6 +1,10 @@
 //! `runneld`'s configuration: a TOML file (every key documented in docs/CONFIG.md, an example
 //! in deploy/runneld.toml), overridden by flags and environment variables in `main`, then
 //! checked as a whole by [`Config::validate`].
+//!
+//! Longer than the other server files on purpose: one struct per TOML table with a doc line
+//! and a default per key, and the validation that relates keys across tables, read best as one
+//! list.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -14,6 +14,8 @@ mod late;
 pub mod metadata;
 pub mod node;
 pub mod order;
+pub mod placement;
+mod schedulers;
 pub mod service;
 pub mod storage_health;
 pub mod subscribe;
