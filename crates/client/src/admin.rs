@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use runnel_proto::api::{self, ErrorCode};
 
-use crate::client::{Client, backoff};
+use crate::connection::{Client, backoff};
 use crate::error::Error;
 
 /// Settings of a new topic; zeros take the cluster's defaults, -1 means unlimited.
@@ -226,5 +226,12 @@ impl Admin {
             .await?;
         let _ = self.client.metadata(&[]).await;
         Ok(r)
+    }
+}
+
+impl Client {
+    /// Admin operations.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.clone())
     }
 }

@@ -13,7 +13,7 @@ use futures::stream::FuturesUnordered;
 use runnel_proto::api::{self, ErrorCode};
 use runnel_record::RecordBatch;
 
-use crate::client::{Client, backoff};
+use crate::connection::{Client, backoff};
 use crate::error::{Error, retriable_code};
 
 /// Where an assigned partition starts.
@@ -413,5 +413,12 @@ impl Consumer {
             out.insert(p, o);
         }
         Ok(out)
+    }
+}
+
+impl Client {
+    /// A consumer.
+    pub fn consumer(&self, cfg: ConsumerConfig) -> Consumer {
+        Consumer::new(self.clone(), cfg)
     }
 }

@@ -27,13 +27,13 @@
 //! ```
 
 mod admin;
-mod client;
+mod connection;
 mod consumer;
 mod error;
 mod producer;
 
 pub use admin::{Admin, TopicSpec};
-pub use client::{Client, ClientConfig};
+pub use connection::{Client, ClientConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
 pub use error::Error;
 pub use producer::{Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};

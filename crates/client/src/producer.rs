@@ -30,7 +30,7 @@ use runnel_proto::partitioner;
 use runnel_record::{BatchBuilder, BatchOptions};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 
-use crate::client::{Client, backoff};
+use crate::connection::{Client, backoff};
 use crate::error::{Error, retriable_code};
 
 /// Producer settings.
@@ -601,5 +601,12 @@ async fn send_batch(
             )));
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+impl Client {
+    /// A producer.
+    pub fn producer(&self, cfg: ProducerConfig) -> Producer {
+        Producer::new(self.clone(), cfg)
     }
 }

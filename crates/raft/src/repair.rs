@@ -29,7 +29,7 @@ use tonic::Status;
 
 use crate::log_store::LogStore;
 use crate::network::Router;
-use crate::transport::Raft;
+use crate::state_machine::Raft;
 
 /// A leader by (term, node id).
 type LeaderKey = (u64, u64);

@@ -36,6 +36,9 @@ use tokio::sync::watch;
 use crate::codec;
 use crate::types::{ApplyError, ApplyResult, Cmd, LogId, StoredMembership, TypeConfig};
 
+/// A group's Raft handle: openraft over this state machine.
+pub(crate) type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
 /// Batches per producer whose sequence ranges are remembered for retries (Kafka's 5).
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 

@@ -18,11 +18,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec;
-use crate::state_machine::{Checkpoint, GroupStore, StateMachine};
+use crate::state_machine::{Checkpoint, GroupStore, Raft};
 use crate::types::TypeConfig;
-
-/// A group's Raft handle.
-pub(crate) type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// One group as the transport sees it.
 #[derive(Clone)]

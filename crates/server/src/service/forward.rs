@@ -7,6 +7,7 @@ use runnel_proto::api::{self, ErrorCode};
 use tonic::{Request, Response, Status};
 
 use super::{Shared, error};
+use crate::metadata::META_GROUP;
 
 /// Metadata key marking a request one node forwarded to another (never forwarded again).
 pub(super) const FORWARDED: &str = "x-runnel-forwarded";
@@ -42,6 +43,32 @@ impl Shared {
             Some(l) if !forwarded => Ok(Some(self.channel(&self.peer_addr(group, l))?)),
             _ => Err(self.not_leader(group, m.as_ref())),
         }
+    }
+
+    /// The wall clocks of the other nodes that answer within `wait` (each asked over its peer
+    /// listener, in parallel), for judging time against a quorum rather than one clock.
+    pub async fn peer_clocks(&self, wait: Duration) -> Vec<i64> {
+        let me = self.node_id();
+        let asks = self
+            .nodes()
+            .into_iter()
+            .filter(|n| n.node_id != me)
+            .map(|n| self.peer_addr(META_GROUP, n.node_id))
+            .filter(|a| !a.is_empty())
+            .filter_map(|a| self.channel(&a).ok())
+            .map(|ch| async move {
+                let mut a = api::admin_client::AdminClient::new(ch);
+                let call = a.cluster_status(mark_forwarded(api::ClusterStatusRequest {}));
+                match tokio::time::timeout(wait, call).await {
+                    Ok(Ok(r)) => Some(r.into_inner().wall_clock_ms),
+                    _ => None,
+                }
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 

@@ -12,7 +12,6 @@ use runnel_proto::raft as pb;
 use runnel_raft::{ApplyError, ApplyResult, RaftHost};
 use tokio::sync::{Mutex, watch};
 
-use super::forward::mark_forwarded;
 use super::{error, now_ms};
 use crate::config::Config;
 use crate::metadata::{self, META_GROUP, META_PARTITION, MetaImage};
@@ -150,32 +149,6 @@ impl Shared {
         timeout: Duration,
     ) -> Result<ApplyResult, api::Error> {
         self.write_ordered(group, cmd, timeout, None).await
-    }
-
-    /// The wall clocks of the other nodes that answer within `wait` (each asked over its peer
-    /// listener, in parallel), for judging time against a quorum rather than one clock.
-    pub async fn peer_clocks(&self, wait: Duration) -> Vec<i64> {
-        let me = self.node_id();
-        let asks = self
-            .nodes()
-            .into_iter()
-            .filter(|n| n.node_id != me)
-            .map(|n| self.peer_addr(META_GROUP, n.node_id))
-            .filter(|a| !a.is_empty())
-            .filter_map(|a| self.channel(&a).ok())
-            .map(|ch| async move {
-                let mut a = api::admin_client::AdminClient::new(ch);
-                let call = a.cluster_status(mark_forwarded(api::ClusterStatusRequest {}));
-                match tokio::time::timeout(wait, call).await {
-                    Ok(Ok(r)) => Some(r.into_inner().wall_clock_ms),
-                    _ => None,
-                }
-            });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
     }
 }
 

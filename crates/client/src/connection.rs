@@ -1,4 +1,6 @@
-//! Connections and the metadata cache.
+//! [`Client`]: connections to the cluster and the metadata cache (partition → leader) that the
+//! producer, consumer and admin share. It imports none of them: each adds its own constructor
+//! (`Client::producer`, `Client::consumer`, `Client::admin`) in its own module.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,10 +9,7 @@ use std::time::Duration;
 use runnel_proto::api::{self, ErrorCode};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::admin::Admin;
-use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::Error;
-use crate::producer::{Producer, ProducerConfig};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -271,21 +270,6 @@ impl Client {
                 backoff
             }
         }
-    }
-
-    /// Admin operations.
-    pub fn admin(&self) -> Admin {
-        Admin::new(self.clone())
-    }
-
-    /// A producer.
-    pub fn producer(&self, cfg: ProducerConfig) -> Producer {
-        Producer::new(self.clone(), cfg)
-    }
-
-    /// A consumer.
-    pub fn consumer(&self, cfg: ConsumerConfig) -> Consumer {
-        Consumer::new(self.clone(), cfg)
     }
 }
 
