@@ -6,6 +6,12 @@ use std::time::{Duration, Instant};
 use runnel_client::{Client, ClientConfig, ProducerConfig, ProducerRecord, StartFrom, TopicSpec};
 use runnel_fault::cluster::FaultCluster;
 
+/// Fault tests run one at a time and alone: their timing checks (writes resume within 5 s of a
+/// heal) fail when other clusters load the cores. nextest runs each in its own process under a
+/// test group that takes every thread (`.config/nextest.toml`); under `cargo test`, which runs
+/// the tests of this file as threads of one process, this lock does the same.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn produce(client: &Client, topic: &str, values: impl Iterator<Item = String>) {
     let producer = client.producer(ProducerConfig {
         request_timeout: Duration::from_secs(2),
@@ -66,6 +72,7 @@ async fn read_from_start(client: &Client, topic: &str, n: usize) -> Vec<(i64, St
 /// is there exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_its_peers_is_replaced_and_nothing_is_lost() {
+    let _alone = ALONE.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let cluster = FaultCluster::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_runneld")),
@@ -144,6 +151,7 @@ mod scenarios {
     /// Runs `s` with `seed` for `duration`; on any violation keeps the run's directory (node
     /// data, logs, `history.json`) and fails with the seed and the report.
     pub async fn run_seed(s: Scenario, seed: u64, duration: Duration) {
+        let _alone = super::ALONE.lock().await;
         // Kept unless the run passes, so a panic inside the harness leaves the logs too.
         let dir = tempfile::Builder::new()
             .prefix(&format!("runnel-fault-{s:?}-"))
