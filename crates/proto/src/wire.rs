@@ -208,9 +208,11 @@ impl Walker<'_> {
     }
 
     /// Walks one encoded message of type `ty`, adding what its decoding allocates.
-    fn walk(&mut self, buf: &[u8], ty: &str, depth: usize) -> Result<(), String> {
+    fn walk(&mut self, buf: &[u8], ty: &str, depth: usize) -> Result<(), Refusal> {
         if depth > MAX_DEPTH {
-            return Err(format!("messages nested deeper than {MAX_DEPTH}"));
+            return Err(Refusal::Limit(format!(
+                "messages nested deeper than {MAX_DEPTH}"
+            )));
         }
         let Some(info) = self.schema.messages.get(ty) else {
             return Ok(()); // a type not of ours (none today): prost bounds it by its size
@@ -245,6 +247,12 @@ impl Walker<'_> {
                                 self.walk(body, t, depth + 1)?;
                             }
                             Kind::String => {
+                                if std::str::from_utf8(body).is_err() {
+                                    return Err(Refusal::Malformed(format!(
+                                        "{} is not valid UTF-8",
+                                        short(&f.name)
+                                    )));
+                                }
                                 self.cost += body.len() as u64 + if f.repeated { 48 } else { 0 };
                             }
                             Kind::Bytes => {
@@ -263,7 +271,7 @@ impl Walker<'_> {
                     }
                 }
                 3 | 4 => return Err("protobuf groups are not accepted".into()),
-                _ => return Err(format!("invalid wire type {wire_type}")),
+                _ => return Err(format!("invalid wire type {wire_type}").into()),
             }
             if pos > buf.len() {
                 return Err("a field runs past the message".into());
@@ -276,15 +284,59 @@ impl Walker<'_> {
                 }
                 let max = self.limit(f);
                 if *n > max {
-                    return Err(format!(
+                    return Err(Refusal::Limit(format!(
                         "{} holds more than {max} elements (its limit)",
                         short(&f.name)
-                    ));
+                    )));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Why [`check`] refuses a request: it is not valid protobuf for its type (answered with
+/// `INVALID_ARGUMENT`), or it breaks a limit (`RESOURCE_EXHAUSTED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not valid protobuf, or a string field that is not UTF-8.
+    Malformed(String),
+    /// More elements, nesting or decoded size than allowed.
+    Limit(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Malformed(m) | Refusal::Limit(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(m: String) -> Self {
+        Refusal::Malformed(m)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(m: &str) -> Self {
+        Refusal::Malformed(m.into())
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Malformed(m) => Status::invalid_argument(m),
+            Refusal::Limit(m) => Status::resource_exhausted(m),
+        }
+    }
+}
+
+/// `runnel.v1.ProduceRequest` → `ProduceRequest`.
+fn message_name(ty: &str) -> &str {
+    ty.rsplit('.').next().unwrap_or(ty)
 }
 
 /// `runnel.v1.ProduceRequest.records` → `ProduceRequest.records`.
@@ -303,6 +355,14 @@ fn short(name: &str) -> &str {
 /// # Errors
 /// A message saying which limit the request breaks, or why it is not valid protobuf.
 pub fn check(ty: &str, buf: &[u8]) -> Result<(), String> {
+    inspect(ty, buf).map_err(|r| r.to_string())
+}
+
+/// [`check`], saying whether the request is malformed or over a limit.
+///
+/// # Errors
+/// The [`Refusal`], with a message naming the field or limit.
+pub fn inspect(ty: &str, buf: &[u8]) -> Result<(), Refusal> {
     let schema = schema();
     if !schema.inbound.contains(ty) {
         return Ok(());
@@ -316,12 +376,12 @@ pub fn check(ty: &str, buf: &[u8]) -> Result<(), String> {
     w.walk(buf, ty, 0)?;
     let allowed = AMPLIFICATION * buf.len() as u64 + DECODED_FLOOR;
     if w.cost > allowed {
-        return Err(format!(
+        return Err(Refusal::Limit(format!(
             "a {}-byte {} would take about {} bytes decoded, more than {AMPLIFICATION} × its size + {DECODED_FLOOR}",
             buf.len(),
-            short(&format!("{ty}.x")).trim_end_matches(".x"),
+            message_name(ty),
             w.cost
-        ));
+        )));
     }
     Ok(())
 }
@@ -373,10 +433,10 @@ impl<U: Message + Default + prost::Name> Decoder for BoundedDecoder<U> {
         let chunk = buf.chunk();
         // tonic hands over one contiguous message; check all of it.
         if chunk.len() >= remaining {
-            check(&U::full_name(), &chunk[..remaining]).map_err(Status::resource_exhausted)?;
+            inspect(&U::full_name(), &chunk[..remaining])?;
         } else {
             let copy = buf.copy_to_bytes(remaining);
-            check(&U::full_name(), &copy).map_err(Status::resource_exhausted)?;
+            inspect(&U::full_name(), &copy)?;
             return U::decode(copy)
                 .map(Some)
                 .map_err(|e| Status::invalid_argument(e.to_string()));

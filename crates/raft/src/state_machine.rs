@@ -393,15 +393,15 @@ impl GroupStore {
             .map(|l| (l.index, l.leader_id.term))
     }
 
-    /// The first offset at or after `timestamp_ms` with that record's timestamp; `None` when
-    /// no record is that new.
+    /// The first record whose timestamp is at or after `timestamp_ms`, as (offset, that
+    /// record's timestamp); `None` when no record is that new.
     pub fn offset_for_timestamp(
         &self,
         partition: u64,
         timestamp_ms: i64,
-    ) -> Result<Option<u64>, ReadError> {
+    ) -> Result<Option<(u64, i64)>, ReadError> {
         self.log(partition)?
-            .offset_for_timestamp(timestamp_ms)
+            .record_for_timestamp(timestamp_ms)
             .map_err(|e| self.report_damage(e).into())
     }
 
@@ -481,6 +481,14 @@ impl GroupStore {
                     return Ok(ApplyResult::Refused(
                         ApplyError::OffsetConflict,
                         format!("expected previous {expected}, found {current:?}"),
+                    ));
+                }
+                if c.expect_none
+                    && let Some(found) = current
+                {
+                    return Ok(ApplyResult::Refused(
+                        ApplyError::OffsetConflict,
+                        format!("expected no commit yet, found {found}"),
                     ));
                 }
                 st.offsets.insert(key, c.next_offset);

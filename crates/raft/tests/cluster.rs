@@ -491,6 +491,7 @@ async fn idempotent_retries_fencing_and_offsets_survive_leader_change_and_restar
             partition_id: 3,
             next_offset: next,
             expected_previous: expected,
+            ..Default::default()
         })),
     };
     assert_eq!(

@@ -3,7 +3,7 @@
 //! data groups, and the background schedulers.
 //!
 //! ```text
-//!  client ──gRPC──▶ Api (service.rs) ──write──▶ RaftHost group g ──quorum──▶ apply ▶ segments
+//!  client ──gRPC──▶ Api (service/) ──write──▶ RaftHost group g ──quorum──▶ apply ▶ segments
 //!                     │  reads ◀── GroupStore (high watermark, long-poll)
 //!                     └─ MetaImage ◀── metadata::follow ◀── group 0, partition 0 (the metadata log)
 //! ```

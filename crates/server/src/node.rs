@@ -326,6 +326,31 @@ async fn set_serving(health: &tonic_health::server::HealthReporter, serving: boo
     }
 }
 
+/// The services the client listener serves, as server reflection lists them.
+pub const CLIENT_SERVICES: [&str; 5] = [
+    "runnel.v1.Broker",
+    "runnel.v1.Admin",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Server reflection over exactly [`CLIENT_SERVICES`] (not the Raft transport, whose types
+/// share the descriptor set), in both versions clients ask for: `v1` and the older `v1alpha`
+/// that many tools still use.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(runnel_proto::api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in CLIENT_SERVICES {
+        b = b.with_service_name(name);
+    }
+    b
+}
+
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -335,16 +360,14 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let (broker, admin) = api_services(&shared);
-    let reflection = match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(runnel_proto::api::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(r) => Some(r),
-        Err(e) => {
+    let reflection = match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => Some((v1, v1alpha)),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "reflection disabled");
             None
         }
     };
+    let (reflection_v1, reflection_v1alpha) = reflection.unzip();
     let limits = shared.cfg.connections.client_limits();
     let incoming = runnel_raft::listener::incoming(
         listener,
@@ -356,7 +379,8 @@ async fn serve(
         .server()
         .layer(runnel_raft::listener::TrackCalls)
         .add_service(health_svc)
-        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(broker)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {

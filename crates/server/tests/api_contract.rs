@@ -191,7 +191,9 @@ async fn strings_that_are_not_utf8_are_invalid_arguments() {
         ("/runnel.v1.Broker/Produce", produce),
         ("/runnel.v1.Admin/DescribeTopic", field(1, bad)),
     ] {
-        let e = raw_call(&leader, path, Bytes::from(body)).await.unwrap_err();
+        let e = raw_call(&leader, path, Bytes::from(body))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{path}: {e:?}");
         assert!(e.message().contains("UTF-8"), "{path}: {}", e.message());
     }
@@ -341,5 +343,9 @@ async fn a_subscription_to_a_deleted_topic_ends_with_unknown_topic() {
     })
     .await
     .expect("the stream ends within 15 s of the deletion");
-    assert_eq!(code(&last.error), ErrorCode::UnknownTopicOrPartition, "{last:?}");
+    assert_eq!(
+        code(&last.error),
+        ErrorCode::UnknownTopicOrPartition,
+        "{last:?}"
+    );
 }

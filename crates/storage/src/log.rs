@@ -633,9 +633,17 @@ impl PartitionLog {
 
     /// The first offset whose record timestamp is ≥ `ts`; `None` when every record is older.
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+        Ok(self.record_for_timestamp(ts)?.map(|(o, _)| o))
+    }
+
+    /// The first record at or after the log start whose timestamp is ≥ `ts`, as (offset, its
+    /// timestamp); `None` when every record is older. A compressed batch is not decoded: its
+    /// first offset and newest timestamp stand for it.
+    pub fn record_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>> {
+        let from = self.log_start();
         for seg in self.snapshot() {
-            if let Some(o) = seg.offset_for_timestamp(ts)? {
-                return Ok(Some(o.max(self.log_start())));
+            if let Some(found) = seg.record_for_timestamp(ts, from)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)

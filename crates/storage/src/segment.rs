@@ -220,8 +220,9 @@ impl Segment {
         Ok(crc32c::crc32c(map.slice(0, len)))
     }
 
-    /// First offset whose record timestamp is ≥ `ts`, if this segment holds one.
-    pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+    /// The first record at or after offset `from` whose timestamp is ≥ `ts`, as (offset,
+    /// timestamp), if this segment holds one.
+    pub(crate) fn record_for_timestamp(&self, ts: i64, from: u64) -> Result<Option<(u64, i64)>> {
         if self.max_timestamp() < ts {
             return Ok(None);
         }
@@ -232,21 +233,25 @@ impl Segment {
         while w.pos < published && w.expected < known_end {
             let h = self.header_at(&map, w.pos, published)?;
             self.check_place(&h, &w)?;
-            if h.max_timestamp >= ts {
+            if h.max_timestamp >= ts && h.last_offset() >= from {
                 let pos = w.pos;
                 let batch = RecordBatch::parse(&map.bytes(pos, pos + h.total_len()))
                     .map_err(|e| self.corrupt(pos, &e.to_string()))?;
-                // Compressed batches are not decoded: the batch's base offset is the answer.
+                // Compressed batches are not decoded: the batch's first offset (at or after
+                // `from`) and its newest timestamp are the answer.
+                let whole = (h.base_offset.max(from), h.max_timestamp);
                 let Ok(records) = batch.records() else {
-                    return Ok(Some(h.base_offset));
+                    return Ok(Some(whole));
                 };
                 for r in records {
                     let r = r.map_err(|e| self.corrupt(pos, &e.to_string()))?;
-                    if r.timestamp >= ts {
-                        return Ok(Some(r.offset));
+                    if r.offset >= from && r.timestamp >= ts {
+                        return Ok(Some((r.offset, r.timestamp)));
                     }
                 }
-                return Ok(Some(h.base_offset));
+                // Timestamps that do not add up (the header's newest above every record's):
+                // the batch is still where `ts` falls.
+                return Ok(Some(whole));
             }
             w.advance(&h);
         }

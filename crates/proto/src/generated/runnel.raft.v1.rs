@@ -260,6 +260,9 @@ pub struct CommitOffsets {
     /// compare-and-set; absent: unconditional
     #[prost(uint64, optional, tag = "4")]
     pub expected_previous: ::core::option::Option<u64>,
+    /// compare-and-set against "nothing committed yet": refused when a commit exists
+    #[prost(bool, tag = "5")]
+    pub expect_none: bool,
 }
 impl ::prost::Name for CommitOffsets {
     const NAME: &'static str = "CommitOffsets";

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::errors::read_error;
 use super::{Api, error};
+use crate::metadata::PartitionRef;
 
 /// The stream a Subscribe call returns.
 pub(super) type FetchStream =
@@ -155,8 +156,27 @@ pub(super) async fn subscribe(
             raw: r.raw,
             allow_follower: r.allow_follower,
         };
+        // The replica served, once known: when it disappears from a group this node still
+        // hosts, its topic was deleted (partition ids are never reused).
+        let mut served: Option<PartitionRef> = None;
         loop {
-            let resp = me.fetch_once(&fetch).await;
+            let mut resp = me.fetch_once(&fetch).await;
+            if resp.error.is_none() && served.is_none() {
+                served = me
+                    .shared
+                    .resolve(&fetch.topic, fetch.partition)
+                    .ok()
+                    .map(|t| t.1);
+            }
+            if let (Some(e), Some(p)) = (resp.error.as_mut(), served)
+                && e.code == ErrorCode::LeaderNotAvailable as i32
+                && me.shared.partition_deleted(p).await
+            {
+                *e = error(
+                    ErrorCode::UnknownTopicOrPartition,
+                    format!("topic {} was deleted", fetch.topic),
+                );
+            }
             let failed = resp.error.is_some();
             let empty = resp.records.is_empty() && resp.raw_batches.is_empty();
             fetch.offset = resp.next_offset;
@@ -206,7 +226,7 @@ pub(super) async fn list_offsets(
                     .offset_for_timestamp(p.partition_id, ts)
                     .map_err(read_error)?;
                 Ok(match o {
-                    Some(o) if o < hw => (o, ts),
+                    Some((o, found)) if o < hw => (o, found),
                     _ => (hw, -1),
                 })
             }

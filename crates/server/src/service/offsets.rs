@@ -45,9 +45,10 @@ pub(super) async fn commit_offsets(
                         format!("offset {} is negative", po.offset),
                     ));
                 }
+                // -1: "nothing committed yet", checked like any other expectation.
+                let expect_none = po.expected_previous == Some(-1);
                 let expected_previous = match po.expected_previous {
-                    None => None,
-                    Some(-1) => None,
+                    None | Some(-1) => None,
                     Some(v) if v >= 0 => Some(v as u64),
                     Some(v) => {
                         return Err(error(
@@ -62,6 +63,7 @@ pub(super) async fn commit_offsets(
                         partition_id: p.partition_id,
                         next_offset: po.offset as u64,
                         expected_previous,
+                        expect_none,
                     })),
                 };
                 match s.write(p.group, cmd, timeout).await? {

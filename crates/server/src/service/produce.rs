@@ -113,7 +113,19 @@ pub(super) fn check_raw_batch(b: &Bytes) -> Result<batch::BatchHeader, api::Erro
     let rb = RecordBatch::parse(b).map_err(|e| corrupt(e.to_string()))?;
     let mut n = 0u32;
     for r in rb.records().map_err(|e| corrupt(e.to_string()))? {
-        r.map_err(|e| corrupt(format!("record {n}: {e}")))?;
+        let r = r.map_err(|e| corrupt(format!("record {n}: {e}")))?;
+        // Header keys are strings in Kafka's record format and in the API's record mode: one
+        // that is not UTF-8 could not be served as written.
+        if let Some(i) = r
+            .headers
+            .iter()
+            .position(|h| std::str::from_utf8(&h.key).is_err())
+        {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                format!("record {n}: header {i}'s key is not valid UTF-8"),
+            ));
+        }
         n += 1;
     }
     if n != h.records_count || h.last_offset_delta + 1 != h.records_count {

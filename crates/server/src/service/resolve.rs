@@ -185,6 +185,37 @@ impl Shared {
 
     /// The partition must exist in this node's replica of its group (it is created right after
     /// the topic, by the group's leader).
+    /// Whether replica `p` was deleted with its topic: the partition is gone from its group on
+    /// this node and, within [`TOPIC_CATCH_UP_WAIT`] (this node's metadata may trail the
+    /// group's own log), the metadata maps no topic partition to it any more.
+    pub(super) async fn partition_deleted(&self, p: PartitionRef) -> bool {
+        let gone_here = self
+            .host
+            .store(p.group)
+            .is_some_and(|st| st.offsets(p.partition_id).is_none());
+        if !gone_here {
+            return false;
+        }
+        let mut rx = self.meta.clone();
+        let deadline = tokio::time::Instant::now() + TOPIC_CATCH_UP_WAIT;
+        loop {
+            let mapped = rx.borrow_and_update().topics.values().any(|t| {
+                t.partitions
+                    .iter()
+                    .any(|q| q.partition_id == p.partition_id)
+            });
+            if !mapped {
+                return true;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return false;
+            }
+        }
+    }
+
     pub(super) fn local_store(
         &self,
         p: PartitionRef,
