@@ -7,12 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
-use common::{Cluster, broker};
+use bytes::Bytes;
+use common::{Cluster, broker, raw_call};
 use runnel_client::api::{self, ErrorCode};
 use runnel_client::{ProducerConfig, ProducerRecord, TopicSpec};
 use runnel_record::{BatchBuilder, BatchOptions};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 fn code(e: &Option<api::Error>) -> ErrorCode {
     e.as_ref()
@@ -110,59 +109,6 @@ async fn expecting_no_commit_conflicts_with_an_existing_commit() {
     assert_eq!(code(&r.into_inner().results[0].error), ErrorCode::None);
     let r = b.commit_offsets(commit(5, None)).await.unwrap();
     assert_eq!(code(&r.into_inner().results[0].error), ErrorCode::None);
-}
-
-/// A codec that sends bytes as they are: requests no well-behaved client could encode.
-#[derive(Debug, Clone, Default)]
-struct Raw;
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        use bytes::Buf;
-        Ok(Some(buf.copy_to_bytes(buf.remaining())))
-    }
-}
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-/// Sends `body` as the request of the gRPC method `path` at `addr`.
-async fn raw_call(addr: &str, path: &'static str, body: Bytes) -> Result<Bytes, tonic::Status> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut g = tonic::client::Grpc::new(ch);
-    g.ready().await.unwrap();
-    g.unary(
-        tonic::Request::new(body),
-        tonic::codegen::http::uri::PathAndQuery::from_static(path),
-        Raw,
-    )
-    .await
-    .map(|r| r.into_inner())
 }
 
 /// Field `number` as a length-delimited field holding `value`.

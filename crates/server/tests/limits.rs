@@ -6,66 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
-use common::{Cluster, Options, broker, wait_for};
+use bytes::Bytes;
+use common::{Cluster, Options, broker, raw_call, wait_for};
 use runnel_client::api;
 use runnel_client::{ProducerConfig, ProducerRecord, TopicSpec};
 use runnel_proto::raft as rpb;
 use runnel_record::{BatchBuilder, BatchOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-/// A codec that sends bytes as they are: requests no well-behaved client could encode.
-#[derive(Debug, Clone, Default)]
-struct Raw;
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        Ok(Some(buf.copy_to_bytes(buf.remaining())))
-    }
-}
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-/// Sends `body` as the request of the gRPC method `path` at `addr`.
-async fn raw_call(addr: &str, path: &'static str, body: Bytes) -> Result<Bytes, tonic::Status> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut g = tonic::client::Grpc::new(ch).max_encoding_message_size(200 << 20);
-    g.ready().await.unwrap();
-    g.unary(
-        tonic::Request::new(body),
-        tonic::codegen::http::uri::PathAndQuery::from_static(path),
-        Raw,
-    )
-    .await
-    .map(|r| r.into_inner())
-}
 
 fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
