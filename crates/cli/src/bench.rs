@@ -6,6 +6,9 @@
 //! end-to-end mode from the publisher's wall clock (stamped in the value) to the moment a
 //! consumer sees it. The client's own cost is reported separately (CPU time of this process
 //! and time spent inside `send`), so a saturated client is not mistaken for a slow server.
+//!
+//! One file (over 600 lines): the load generator's modes share its pacing, measurement and
+//! report.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

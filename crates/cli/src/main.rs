@@ -1,4 +1,7 @@
 //! `runnel`: the command-line tool for Runnel clusters.
+//!
+//! Longer than most files (over 600 lines): the clap command tree and one short function per
+//! command.
 
 mod bench;
 mod local;

@@ -6,6 +6,9 @@
 //!  <data dir>/groups/<group id>/partitions/   its partitions (state machine)
 //!  <data dir>/groups/<group id>/checkpoints/  its snapshots
 //! ```
+//!
+//! Longer than most files (over 600 lines): it is the whole API the server sees, one method per
+//! capability.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -11,6 +11,9 @@
 //! Apply is deterministic: offsets come from the log end, timestamps and epochs from the entry,
 //! never from a clock or local configuration. Restart restores every partition from the current
 //! checkpoint (links, then [`Recovery::TruncateTo`] its offset) and openraft replays the WAL.
+//!
+//! One file on purpose (over 600 lines): every command's apply must be deterministic, and is
+//! best checked beside the others and beside the checkpoint that captures their state.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;

@@ -11,6 +11,9 @@
 //! Offsets are dense: a batch's `baseOffset` is the log end offset when it is appended.
 //! Invariant: `log_start ≤ (caller's high watermark) ≤ log_end`, and every offset in
 //! `[log_start, log_end)` lives in exactly one segment.
+//!
+//! One file on purpose (over 600 lines): append, read, roll, retention and recovery all rest on
+//! the segment list's invariants, which read best in one place.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};

@@ -17,6 +17,9 @@
 //!   8  8  first index                16  8  term
 //!  16  4  CRC-32C of bytes 0..16     24  N  payload (opaque to the WAL)
 //! ```
+//!
+//! One file on purpose (over 600 lines; the vote/committed record is apart in `meta.rs`): the
+//! writer, the flusher, recovery and purge share the file format and the durability rules.
 
 mod meta;
 
