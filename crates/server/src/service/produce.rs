@@ -137,6 +137,152 @@ pub(super) fn check_raw_batch(b: &Bytes) -> Result<batch::BatchHeader, api::Erro
     Ok(h)
 }
 
+/// A produce request's batch, ready to write, and where it falls in its producer's sequence.
+struct Prepared {
+    batch: Bytes,
+    producer_id: i64,
+    epoch: i32,
+    seq: i32,
+    count: i32,
+}
+
+/// The partition a request without one goes to: murmur2 of `partition_key`, else of the first
+/// record's key, else round-robin.
+fn pick_partition(s: &Shared, r: &api::ProduceRequest, partitions: u32) -> u32 {
+    if let Some(p) = r.partition {
+        return p;
+    }
+    let key = if r.partition_key.is_empty() {
+        r.records.first().and_then(|x| x.key.clone())
+    } else {
+        Some(r.partition_key.clone())
+    };
+    match key {
+        Some(k) => partitioner::partition_for_key(&k, partitions),
+        None => s.rr.fetch_add(1, Ordering::Relaxed) % partitions,
+    }
+}
+
+/// A raw batch, checked: its size, its structure and CRC, and its producer fields against the
+/// request's.
+fn prepare_raw(r: &api::ProduceRequest, max_batch: usize) -> Result<Prepared, api::Error> {
+    if r.batch.len() > max_batch {
+        return Err(error(
+            ErrorCode::BatchTooLarge,
+            format!("batch of {} bytes > limit {max_batch}", r.batch.len()),
+        ));
+    }
+    let h = check_raw_batch(&r.batch)?;
+    let agree = r.producer_id.is_none_or(|v| v == h.producer_id)
+        && r.producer_epoch
+            .is_none_or(|v| v == i32::from(h.producer_epoch))
+        && r.base_sequence.is_none_or(|v| v == h.base_sequence);
+    if !agree {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "producer fields disagree with the batch header",
+        ));
+    }
+    if h.producer_id >= 0 && (h.producer_epoch < 0 || h.base_sequence < 0) {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "an idempotent batch needs epoch >= 0 and base sequence >= 0",
+        ));
+    }
+    Ok(Prepared {
+        batch: r.batch.clone(),
+        producer_id: h.producer_id.max(-1),
+        epoch: i32::from(h.producer_epoch),
+        seq: h.base_sequence,
+        count: h.records_count as i32,
+    })
+}
+
+/// Records encoded as one batch (timestamps 0 or negative take the leader's clock), within
+/// the request's limits.
+fn prepare_records(
+    r: &api::ProduceRequest,
+    max_records: usize,
+    max_batch: usize,
+) -> Result<Prepared, api::Error> {
+    if r.records.len() > max_records {
+        return Err(error(
+            ErrorCode::BatchTooLarge,
+            format!("{} records > limit {max_records}", r.records.len()),
+        ));
+    }
+    let (producer_id, epoch, seq) = match (r.producer_id, r.producer_epoch, r.base_sequence) {
+        (None, None, None) => (-1i64, -1i32, -1i32),
+        (Some(id), Some(ep), Some(sq))
+            if id >= 0 && (0..=i32::from(i16::MAX)).contains(&ep) && sq >= 0 =>
+        {
+            (id, ep, sq)
+        }
+        _ => {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "producer_id, producer_epoch and base_sequence go together, each >= 0",
+            ));
+        }
+    };
+    let size: usize = r
+        .records
+        .iter()
+        .map(|x| {
+            32 + x.key.as_ref().map_or(0, |k| k.len())
+                + x.value.as_ref().map_or(0, |v| v.len())
+                + x.headers
+                    .iter()
+                    .map(|h| 10 + h.key.len() + h.value.len())
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+        + batch::HEADER_LEN;
+    if size > max_batch {
+        return Err(error(
+            ErrorCode::BatchTooLarge,
+            format!("records take about {size} bytes > limit {max_batch}"),
+        ));
+    }
+    let mut b = BatchBuilder::with_capacity(
+        BatchOptions {
+            producer_id,
+            producer_epoch: epoch as i16,
+            base_sequence: seq,
+            ..BatchOptions::default()
+        },
+        size,
+    );
+    let now = now_ms();
+    for x in &r.records {
+        let headers: Vec<(&[u8], Option<&[u8]>)> = x
+            .headers
+            .iter()
+            .map(|h| (h.key.as_bytes(), Some(&h.value[..])))
+            .collect();
+        let ts = if x.timestamp_ms > 0 {
+            x.timestamp_ms
+        } else {
+            now
+        };
+        b.append(ts, x.key.as_deref(), x.value.as_deref(), &headers);
+    }
+    let built = b.build();
+    if built.len() > max_batch {
+        return Err(error(
+            ErrorCode::BatchTooLarge,
+            format!("batch of {} bytes > limit {max_batch}", built.len()),
+        ));
+    }
+    Ok(Prepared {
+        batch: built,
+        producer_id,
+        epoch,
+        seq,
+        count: r.records.len() as i32,
+    })
+}
+
 impl Api {
     pub(super) async fn produce_inner(
         &self,
@@ -161,21 +307,7 @@ impl Api {
             Ok(t) => t,
             Err(e) => return Ok(fail(r.partition.unwrap_or(0), e)),
         };
-        let n = t.partitions.len() as u32;
-        let partition = match r.partition {
-            Some(p) => p,
-            None => {
-                let key = if r.partition_key.is_empty() {
-                    r.records.first().and_then(|x| x.key.clone())
-                } else {
-                    Some(r.partition_key.clone())
-                };
-                match key {
-                    Some(k) => partitioner::partition_for_key(&k, n),
-                    None => s.rr.fetch_add(1, Ordering::Relaxed) % n,
-                }
-            }
-        };
+        let partition = pick_partition(s, &r, t.partitions.len() as u32);
         let (_, p) = match s.resolve(&r.topic, partition) {
             Ok(x) => x,
             Err(e) => return Ok(fail(partition, e)),
@@ -189,150 +321,29 @@ impl Api {
         let max_batch = limits
             .max_batch_bytes
             .min(t.settings.segment_bytes as usize);
-        let (batch, pid, epoch, seq, count) = if !r.batch.is_empty() {
-            if r.batch.len() > max_batch {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::BatchTooLarge,
-                        format!("batch of {} bytes > limit {max_batch}", r.batch.len()),
-                    ),
-                ));
-            }
-            let h = match check_raw_batch(&r.batch) {
-                Ok(h) => h,
-                Err(e) => return Ok(fail(partition, e)),
-            };
-            let agree = r.producer_id.is_none_or(|v| v == h.producer_id)
-                && r.producer_epoch
-                    .is_none_or(|v| v == i32::from(h.producer_epoch))
-                && r.base_sequence.is_none_or(|v| v == h.base_sequence);
-            if !agree {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::InvalidRequest,
-                        "producer fields disagree with the batch header",
-                    ),
-                ));
-            }
-            if h.producer_id >= 0 && (h.producer_epoch < 0 || h.base_sequence < 0) {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::InvalidRequest,
-                        "an idempotent batch needs epoch >= 0 and base sequence >= 0",
-                    ),
-                ));
-            }
-            let (pid, epoch, seq) = if h.producer_id >= 0 {
-                (h.producer_id, i32::from(h.producer_epoch), h.base_sequence)
-            } else {
-                (-1, i32::from(h.producer_epoch), h.base_sequence)
-            };
-            (r.batch.clone(), pid, epoch, seq, h.records_count as i32)
+        let prepared = if r.batch.is_empty() {
+            prepare_records(&r, limits.max_records_per_produce, max_batch)
         } else {
-            if r.records.len() > limits.max_records_per_produce {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::BatchTooLarge,
-                        format!(
-                            "{} records > limit {}",
-                            r.records.len(),
-                            limits.max_records_per_produce
-                        ),
-                    ),
-                ));
-            }
-            let (pid, epoch, seq) = match (r.producer_id, r.producer_epoch, r.base_sequence) {
-                (None, None, None) => (-1i64, -1i32, -1i32),
-                (Some(id), Some(ep), Some(sq))
-                    if id >= 0 && (0..=i32::from(i16::MAX)).contains(&ep) && sq >= 0 =>
-                {
-                    (id, ep, sq)
-                }
-                _ => {
-                    return Ok(fail(
-                        partition,
-                        error(
-                            ErrorCode::InvalidRequest,
-                            "producer_id, producer_epoch and base_sequence go together, each >= 0",
-                        ),
-                    ));
-                }
-            };
-            let size: usize = r
-                .records
-                .iter()
-                .map(|x| {
-                    32 + x.key.as_ref().map_or(0, |k| k.len())
-                        + x.value.as_ref().map_or(0, |v| v.len())
-                        + x.headers
-                            .iter()
-                            .map(|h| 10 + h.key.len() + h.value.len())
-                            .sum::<usize>()
-                })
-                .sum::<usize>()
-                + batch::HEADER_LEN;
-            if size > max_batch {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::BatchTooLarge,
-                        format!("records take about {size} bytes > limit {max_batch}"),
-                    ),
-                ));
-            }
-            let mut b = BatchBuilder::with_capacity(
-                BatchOptions {
-                    producer_id: pid,
-                    producer_epoch: epoch as i16,
-                    base_sequence: seq,
-                    ..BatchOptions::default()
-                },
-                size,
-            );
-            let now = now_ms();
-            for x in &r.records {
-                let headers: Vec<(&[u8], Option<&[u8]>)> = x
-                    .headers
-                    .iter()
-                    .map(|h| (h.key.as_bytes(), Some(&h.value[..])))
-                    .collect();
-                let ts = if x.timestamp_ms > 0 {
-                    x.timestamp_ms
-                } else {
-                    now
-                };
-                b.append(ts, x.key.as_deref(), x.value.as_deref(), &headers);
-            }
-            let built = b.build();
-            if built.len() > max_batch {
-                return Ok(fail(
-                    partition,
-                    error(
-                        ErrorCode::BatchTooLarge,
-                        format!("batch of {} bytes > limit {max_batch}", built.len()),
-                    ),
-                ));
-            }
-            (built, pid, epoch, seq, r.records.len() as i32)
+            prepare_raw(&r, max_batch)
+        };
+        let w = match prepared {
+            Ok(w) => w,
+            Err(e) => return Ok(fail(partition, e)),
         };
         let timeout = Duration::from_millis(if r.timeout_ms == 0 {
             limits.produce_timeout_ms
         } else {
             u64::from(r.timeout_ms).min(limits.produce_timeout_ms)
         });
-        let cmd = produce_command(p.partition_id, batch, pid, epoch, seq);
-        let order = (pid >= 0).then_some(Ordered {
+        let cmd = produce_command(p.partition_id, w.batch, w.producer_id, w.epoch, w.seq);
+        let order = (w.producer_id >= 0).then_some(Ordered {
             key: OrderKey {
                 partition_id: p.partition_id,
-                producer_id: pid,
+                producer_id: w.producer_id,
             },
-            epoch,
-            seq,
-            count,
+            epoch: w.epoch,
+            seq: w.seq,
+            count: w.count,
         });
         let span = tracing::debug_span!("produce", topic = %r.topic, partition, group = p.group);
         let written = s
