@@ -6,8 +6,8 @@
 //! empty elements would cost gigabytes. [`BoundedCodec`] walks a request's protobuf encoding
 //! first, guided by the compiled descriptors of `proto/`, and refuses it with
 //! `RESOURCE_EXHAUSTED` when
-//! - a repeated field holds more elements than its limit ([`set_field_limit`]; every repeated
-//!   field of every request has one, [`DEFAULT_REPEATED_MAX`] unless set), or
+//! - a repeated field holds more elements than its limit (the serving node's [`FieldLimits`];
+//!   every repeated field of every request has one, [`DEFAULT_REPEATED_MAX`] unless set), or
 //! - the decoded message would take more than [`AMPLIFICATION`] × its encoded size +
 //!   [`DECODED_FLOOR`] bytes (structs, strings, and `Vec` growth counted at twice their
 //!   length).
@@ -159,8 +159,44 @@ fn limits() -> &'static RwLock<Arc<HashMap<String, u32>>> {
     LIMITS.get_or_init(RwLock::default)
 }
 
+/// The element limits of repeated request fields that one node's servers apply: a node sets
+/// them around every call it serves ([`FieldLimits::scope`]), so that two nodes in one process
+/// (as `runnel local` runs) each keep their own. Fields not named keep
+/// [`DEFAULT_REPEATED_MAX`].
+#[derive(Debug, Clone, Default)]
+pub struct FieldLimits(Arc<HashMap<String, u32>>);
+
+tokio::task_local! {
+    static SCOPE: FieldLimits;
+}
+
+impl FieldLimits {
+    /// Limits from (`package.Message.field`, most elements) pairs.
+    pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, u32)>) -> Self {
+        FieldLimits(Arc::new(
+            pairs.into_iter().map(|(f, n)| (f.to_string(), n)).collect(),
+        ))
+    }
+
+    /// Runs `fut` (a call being served) with these limits for every request it decodes.
+    pub fn scope<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<FieldLimits, F> {
+        SCOPE.scope(self.clone(), fut)
+    }
+}
+
+/// The limits in force: the serving node's ([`FieldLimits::scope`]), else the process-wide
+/// ones of [`set_field_limit`].
+fn current_limits() -> Arc<HashMap<String, u32>> {
+    SCOPE
+        .try_with(|l| Arc::clone(&l.0))
+        .unwrap_or_else(|_| Arc::clone(&limits().read().expect("wire limits lock")))
+}
+
 /// Sets the most elements the repeated field `field` (`package.Message.field`) of a request may
-/// hold; it applies to every server in this process.
+/// hold wherever no [`FieldLimits`] are in scope (a server outside a node, tests).
 pub fn set_field_limit(field: &str, max: u32) {
     let mut l = limits().write().expect("wire limits lock");
     let mut m = (**l).clone();
@@ -168,11 +204,9 @@ pub fn set_field_limit(field: &str, max: u32) {
     *l = Arc::new(m);
 }
 
-/// The element limit of the repeated field `field`.
+/// The element limit of the repeated field `field` in force here.
 pub fn field_limit(field: &str) -> u32 {
-    limits()
-        .read()
-        .expect("wire limits lock")
+    current_limits()
         .get(field)
         .copied()
         .unwrap_or(DEFAULT_REPEATED_MAX)
@@ -367,7 +401,7 @@ pub fn inspect(ty: &str, buf: &[u8]) -> Result<(), Refusal> {
     if !schema.inbound.contains(ty) {
         return Ok(());
     }
-    let limits = Arc::clone(&limits().read().expect("wire limits lock"));
+    let limits = current_limits();
     let mut w = Walker {
         schema,
         limits,
@@ -494,20 +528,37 @@ mod tests {
         assert!(e.contains("Record.headers"), "{e}");
     }
 
-    #[test]
-    fn a_request_that_would_grow_many_times_its_size_is_refused() {
-        set_field_limit("runnel.v1.CommitOffsetsRequest.offsets", 10_000_000);
+    #[tokio::test]
+    async fn a_request_that_would_grow_many_times_its_size_is_refused() {
+        // Scoped, not set_field_limit: tests of this file share a process under `cargo test`.
+        let limits = FieldLimits::new([("runnel.v1.CommitOffsetsRequest.offsets", 10_000_000)]);
         // Empty elements: two bytes each on the wire, a struct each in memory.
         let r = api::CommitOffsetsRequest {
             offsets: vec![api::PartitionOffset::default(); 1_000_000],
             ..Default::default()
         };
-        let e = check("runnel.v1.CommitOffsetsRequest", &encoded(&r)).unwrap_err();
+        let e = limits
+            .scope(async { check("runnel.v1.CommitOffsetsRequest", &encoded(&r)) })
+            .await
+            .unwrap_err();
         assert!(e.contains("decoded"), "{e}");
-        set_field_limit(
-            "runnel.v1.CommitOffsetsRequest.offsets",
-            DEFAULT_REPEATED_MAX,
+    }
+
+    #[tokio::test]
+    async fn each_node_keeps_its_own_limits() {
+        let field = "runnel.v1.MetadataRequest.topics";
+        let r = api::MetadataRequest {
+            topics: vec!["t".into(); 3],
+        };
+        let small = FieldLimits::new([(field, 2)]);
+        let large = FieldLimits::new([(field, 5)]);
+        let (a, b) = tokio::join!(
+            small.scope(async { check("runnel.v1.MetadataRequest", &encoded(&r)) }),
+            large.scope(async { check("runnel.v1.MetadataRequest", &encoded(&r)) }),
         );
+        assert!(a.unwrap_err().contains("more than 2"));
+        b.unwrap();
+        assert_eq!(small.scope(async { field_limit(field) }).await, 2);
     }
 
     #[test]

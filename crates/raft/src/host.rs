@@ -70,6 +70,8 @@ pub struct HostConfig {
     pub accept_lost_vote: bool,
     /// Limits of the peer listener (connections, handshake and idle timeouts, streams).
     pub listen: crate::listener::ListenLimits,
+    /// Element limits of repeated request fields on the peer listener (this node's own).
+    pub field_limits: runnel_proto::wire::FieldLimits,
 }
 
 impl HostConfig {
@@ -93,6 +95,7 @@ impl HostConfig {
                 request_timeout: Duration::from_millis(600_000 + 60_000),
                 ..Default::default()
             },
+            field_limits: runnel_proto::wire::FieldLimits::default(),
         }
     }
 
@@ -314,7 +317,11 @@ impl RaftHost {
         let listen_stats = Arc::new(crate::listener::ListenStats::default());
         let incoming =
             crate::listener::incoming(listener, &cfg.listen, "peer", Arc::clone(&listen_stats));
-        let builder = cfg.listen.server().layer(crate::listener::TrackCalls);
+        let builder = cfg
+            .listen
+            .server()
+            .layer(crate::listener::TrackCalls)
+            .layer(crate::listener::ScopeLimits(cfg.field_limits.clone()));
         let server = tokio::spawn(async move {
             let mut builder = builder;
             let r = builder

@@ -359,6 +359,46 @@ impl tokio_stream::Stream for Incoming {
     }
 }
 
+/// A tower layer that serves every call with one node's request limits in scope (see
+/// [`runnel_proto::wire::FieldLimits`]), so that nodes sharing a process keep their own.
+#[derive(Clone, Debug, Default)]
+pub struct ScopeLimits(pub runnel_proto::wire::FieldLimits);
+
+impl<S> tower_layer::Layer<S> for ScopeLimits {
+    type Service = Scoped<S>;
+
+    fn layer(&self, inner: S) -> Scoped<S> {
+        Scoped {
+            inner,
+            limits: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`ScopeLimits`] makes.
+#[derive(Clone, Debug)]
+pub struct Scoped<S> {
+    inner: S,
+    limits: runnel_proto::wire::FieldLimits,
+}
+
+impl<S, R> tower_service::Service<R> for Scoped<S>
+where
+    S: tower_service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tokio::task::futures::TaskLocalFuture<runnel_proto::wire::FieldLimits, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.limits.scope(self.inner.call(req))
+    }
+}
+
 /// A tower layer that counts a connection's calls in flight, for its idle timeout.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrackCalls;

@@ -79,9 +79,10 @@ impl Node {
     /// serving.
     pub async fn start(mut cfg: Config) -> Result<Node, StartError> {
         cfg.validate().map_err(StartError::Config)?;
-        for (field, max) in cfg.limits.wire_limits() {
-            runnel_proto::wire::set_field_limit(field, max);
-        }
+        // This node's request limits, in scope around every call both listeners serve.
+        let field_limits = runnel_proto::wire::FieldLimits::new(cfg.limits.wire_limits());
+        // Process-wide on purpose: it bounds this process's resident pages, which nodes
+        // sharing a process (`runnel local`) share too; the last node started sets it.
         runnel_storage::set_resident_budget(cfg.storage.mapped_resident_bytes);
         let fds = fdlimit::prepare(&cfg);
         tracing::info!(node = cfg.node_id, "{}", fds.describe());
@@ -111,6 +112,7 @@ impl Node {
         hcfg.log_entries_kept = cfg.raft.log_entries_kept;
         hcfg.repair_from_replicas = cfg.raft.repair_from_replicas;
         hcfg.accept_lost_vote = cfg.raft.unsafe_accept_lost_vote;
+        hcfg.field_limits = field_limits;
         hcfg.listen = cfg
             .connections
             .peer_limits(hcfg.install_snapshot_timeout_ms);
@@ -378,6 +380,9 @@ async fn serve(
     let r = limits
         .server()
         .layer(runnel_raft::listener::TrackCalls)
+        .layer(runnel_raft::listener::ScopeLimits(
+            runnel_proto::wire::FieldLimits::new(shared.cfg.limits.wire_limits()),
+        ))
         .add_service(health_svc)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

@@ -167,6 +167,40 @@ async fn leader_with_mib(
     (b, pid)
 }
 
+/// A node's configured count limits hold on both of its listeners (the peer port answers the
+/// client API for forwarded calls), and are its own, not a process-wide setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn configured_count_limits_hold_on_both_listeners() {
+    let cluster = Cluster::start_with(
+        1,
+        Options {
+            config: "[limits]\nmax_topics_per_request = 5\n".into(),
+            ..Options::default()
+        },
+    );
+    let _up = cluster.client().await;
+    let node = &cluster.nodes[0];
+    for addr in [&node.client, &node.peer] {
+        // Six empty topic names: over the configured 5, far under the default 10 000.
+        let e = raw_call(
+            addr,
+            "/runnel.v1.Broker/Metadata",
+            Bytes::from(empties(&[], 1, 6)),
+        )
+        .await
+        .expect_err("six topics > 5");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{addr}: {e}");
+        assert!(e.message().contains("more than 5"), "{addr}: {e}");
+        raw_call(
+            addr,
+            "/runnel.v1.Broker/Metadata",
+            Bytes::from(empties(&[], 1, 5)),
+        )
+        .await
+        .expect("five topics are within the limit");
+    }
+}
+
 /// Every repeated field of a request has a count limit, and a request is refused before it is
 /// decoded: requests built by hand that would have cost gigabytes cost the node nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
