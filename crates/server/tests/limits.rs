@@ -694,7 +694,10 @@ async fn stalled_subscribers_are_ended_within_the_memory_budget() {
         grew >> 20
     );
     // Read them all at once (one connection: a stream left unread would hold the connection's
-    // flow-control window from the others).
+    // flow-control window from the others). Streams stall in waves: one that waited for budget
+    // until others were ended may get it and still be unstalled when reading starts; read,
+    // it delivers everything and then long-polls at the end. So each stream either ended
+    // with RESOURCE_EXHAUSTED or delivered every record; none may hang.
     let readers: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
@@ -702,8 +705,13 @@ async fn stalled_subscribers_are_ended_within_the_memory_budget() {
                 let mut got = 0;
                 loop {
                     match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
-                        Ok(Ok(Some(_))) => got += 1,
-                        Ok(Ok(None)) => return None,
+                        Ok(Ok(Some(m))) => {
+                            got += 1;
+                            if m.high_watermark > 0 && m.next_offset >= m.high_watermark {
+                                return None; // caught up: it was read, not stalled
+                            }
+                        }
+                        Ok(Ok(None)) => panic!("the stream ended without an error"),
                         Ok(Err(e)) => return Some(e),
                         Err(_) => panic!("a stalled stream neither ended nor sent"),
                     }
@@ -712,10 +720,16 @@ async fn stalled_subscribers_are_ended_within_the_memory_budget() {
             })
         })
         .collect();
+    let mut ended = 0;
     for r in readers {
-        let e = r.await.unwrap().expect("the stream ends with an error");
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        if let Some(e) = r.await.unwrap() {
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+            ended += 1;
+        }
     }
+    eprintln!("{ended} of 20 stalled streams were ended; the others were read to the end");
+    // 20 streams of 4 MiB messages cannot all fit a 16 MiB budget: some must have stalled.
+    assert!(ended >= 1, "no stalled stream was ended");
 }
 
 /// Pages read through segment maps do not stay resident: consuming far more than the budget
